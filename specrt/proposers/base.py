@@ -1,0 +1,110 @@
+"""The proposer interface: every drafting method (draft model, n-gram, layer skip, Medusa,
+EAGLE, MTP, Lookahead) sits behind these two calls, and the engine knows nothing else of it.
+
+A proposer never touches CUDA directly; it may run models and specrt ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..tree import DraftTree
+
+
+@dataclass(slots=True)
+class SeqView:
+    """What a proposer may read of one running sequence.
+
+    Attributes
+    ----------
+    seq_id : int
+    token_ids : list[int]
+        Prompt followed by every emitted token; the last one is the root of the next tree.
+    num_prompt_tokens : int
+    committed_len : int
+        Target-cache positions already holding K/V (``len(token_ids) - 1``).
+    temperature, top_k, top_p : sampling parameters the target will verify with.
+    seed : int
+        Per-request Philox seed (a proposer that samples uses it with its own offsets).
+    step : int
+        Verify steps this sequence has run (a fresh Philox offset per step).
+    max_draft : int
+        Largest number of draft tokens (depth) the engine will accept for it this step.
+    """
+
+    seq_id: int
+    token_ids: list
+    num_prompt_tokens: int
+    committed_len: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    step: int
+    max_draft: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What verification decided for one sequence, handed back through ``commit``.
+
+    Attributes
+    ----------
+    path : list[int]
+        Accepted node indices of the tree, starting with the root 0.
+    emitted : list[int]
+        Tokens emitted this step (accepted drafts, then the correction / bonus token), before
+        stop truncation.
+    num_accepted : int
+    hidden : Tensor [len(path), H] or None
+        Target hidden states (last layer, pre-norm) at the accepted path's nodes, for
+        proposers with ``needs_hidden``.
+    aux_hidden : dict[int, Tensor] or None
+        Chosen intermediate layers' hidden states at the accepted path.
+    """
+
+    path: list
+    emitted: list
+    num_accepted: int
+    hidden: Optional[torch.Tensor] = None
+    aux_hidden: Optional[dict] = None
+
+
+class Proposer:
+    """Base class. Subclasses implement :meth:`propose`; stateful ones also :meth:`commit`,
+    :meth:`add` and :meth:`release`."""
+
+    #: name used by the CLI and the metrics
+    name: str = "proposer"
+    #: the target's hidden states of the accepted path are passed to commit()
+    needs_hidden: bool = False
+    #: intermediate target layers whose hidden states commit() wants (EAGLE-3)
+    hidden_layers: tuple = ()
+
+    def attach(self, model, cache) -> None:
+        """Called once by the engine with the target model and its paged cache (proposers
+        that share the target's cache, e.g. layer skip, keep them)."""
+
+    def add(self, seq: SeqView) -> None:
+        """A sequence joined the batch (its prompt is prefilled in the target's cache)."""
+
+    def propose(self, seqs: Sequence[SeqView]) -> list[DraftTree]:
+        """One draft tree per sequence (root = ``seq.token_ids[-1]``), depth <= max_draft."""
+        raise NotImplementedError
+
+    def commit(self, seqs: Sequence[SeqView], results: Sequence[StepResult]) -> None:
+        """Update proposer state from what was accepted (sequences in the same order)."""
+
+    def release(self, seq_id: int) -> None:
+        """A sequence finished: free its state."""
+
+
+class NoProposer(Proposer):
+    """Plain autoregressive decoding: one-node trees (the baseline of every speed-up)."""
+
+    name = "none"
+
+    def propose(self, seqs):
+        return [DraftTree.single(s.token_ids[-1]) for s in seqs]
