@@ -1,0 +1,275 @@
+// CPU tree attention: see attention.h for the algorithm and layout.
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace specrt::cpu {
+namespace {
+
+// ---- scalar conversions (IEEE binary16 / bfloat16 <-> binary32, round to nearest even) ----
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {
+    // Zero or subnormal: value = mant * 2^-24, exact in fp32.
+    const float mag = std::ldexp(static_cast<float>(mant), -24);
+    return sign ? -mag : mag;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+inline uint16_t float_to_half(float f) {
+  const uint32_t x = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to infinity
+  if (ax < 0x38800000u) {
+    // Below the smallest normal half (2^-14): the result is a multiple of 2^-24. The scaling
+    // is exact and nearbyint rounds half to even in the default rounding mode; 1024 encodes
+    // the smallest normal, so the carry needs no special case.
+    const float scaled = bits_to_float(ax) * 16777216.0f;
+    return sign | static_cast<uint16_t>(std::nearbyint(scaled));
+  }
+  const uint32_t m = ax - (112u << 23);  // rebias 127 -> 15
+  uint32_t r = m >> 13;
+  const uint32_t rem = m & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;  // carry may reach inf: correct
+  return sign | static_cast<uint16_t>(r);
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t x = float_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+struct Half { uint16_t bits; };
+struct BFloat16 { uint16_t bits; };
+
+inline float to_float(float v) { return v; }
+inline float to_float(Half v) { return half_to_float(v.bits); }
+inline float to_float(BFloat16 v) { return bf16_to_float(v.bits); }
+
+template <typename T> T from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline Half from_float<Half>(float v) { return Half{float_to_half(v)}; }
+template <> inline BFloat16 from_float<BFloat16>(float v) { return BFloat16{float_to_bf16(v)}; }
+
+constexpr int64_t kChunk = 64;  // keys converted to fp32 at a time (K+V chunk fits in L1/L2)
+
+// Scratch reused across work items of one thread.
+struct Scratch {
+  std::vector<float> q, acc, m, l, k, v, s;
+};
+
+inline bool key_visible(const TreeAttentionParams& p, int64_t pos, int64_t prefix, int64_t row,
+                        int64_t local_i) {
+  if (pos < prefix) return true;
+  const int64_t k = pos - prefix;
+  if (p.mask == nullptr) return k <= local_i;
+  const uint32_t word = static_cast<uint32_t>(p.mask[row * p.mask_stride + (k >> 5)]);
+  return (word >> (k & 31)) & 1u;
+}
+
+// All query rows of sequence b that read kv head kvh: rows r = i * group + g, query head
+// kvh * group + g, local node i.
+template <typename T>
+void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch& s) {
+  const int64_t q0 = p.qo_indptr[b];
+  const int64_t t = p.qo_indptr[b + 1] - q0;
+  if (t == 0) return;
+  const int64_t kv_len = p.seq_lens[b];
+  const int64_t prefix = kv_len - t;
+  const int64_t group = p.num_qo_heads / p.num_kv_heads;
+  const int64_t rows = t * group;
+  const int64_t d = p.head_dim;
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const int32_t* pages = p.block_table + b * p.block_table_stride;
+
+  s.q.assign(rows * d, 0.f);
+  s.acc.assign(rows * d, 0.f);
+  s.m.assign(rows, -std::numeric_limits<float>::infinity());
+  s.l.assign(rows, 0.f);
+  s.k.resize(kChunk * d);
+  s.v.resize(kChunk * d);
+  s.s.resize(kChunk);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = q + (q0 + r / group) * p.q_stride_n + (kvh * group + r % group) * p.q_stride_h;
+    for (int64_t e = 0; e < d; ++e) s.q[r * d + e] = to_float(src[e]);
+  }
+
+  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, kv_len - c0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = c0 + j;
+      const int64_t page = pages[pos / p.page_size];
+      const int64_t off = pos % p.page_size;
+      const T* ks = kc + page * p.k_stride_page + off * p.k_stride_slot + kvh * p.k_stride_head;
+      const T* vs = vc + page * p.v_stride_page + off * p.v_stride_slot + kvh * p.v_stride_head;
+      for (int64_t e = 0; e < d; ++e) {
+        s.k[j * d + e] = to_float(ks[e]);
+        s.v[j * d + e] = to_float(vs[e]);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t local_i = r / group;
+      const float* qr = s.q.data() + r * d;
+      float cmax = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        float sc = -std::numeric_limits<float>::infinity();
+        if (key_visible(p, c0 + j, prefix, q0 + local_i, local_i)) {
+          const float* kr = s.k.data() + j * d;
+          float dot = 0.f;
+          for (int64_t e = 0; e < d; ++e) dot += qr[e] * kr[e];
+          sc = dot * p.sm_scale;
+        }
+        s.s[j] = sc;
+        cmax = std::max(cmax, sc);
+      }
+      if (cmax == -std::numeric_limits<float>::infinity()) continue;  // nothing new visible
+      const float m_new = std::max(s.m[r], cmax);
+      const float alpha = std::exp(s.m[r] - m_new);  // exp(-inf) = 0 on the first chunk
+      float* acc = s.acc.data() + r * d;
+      float sum = 0.f;
+      for (int64_t e = 0; e < d; ++e) acc[e] *= alpha;
+      for (int64_t j = 0; j < n; ++j) {
+        if (s.s[j] == -std::numeric_limits<float>::infinity()) continue;
+        const float w = std::exp(s.s[j] - m_new);
+        sum += w;
+        const float* vr = s.v.data() + j * d;
+        for (int64_t e = 0; e < d; ++e) acc[e] += w * vr[e];
+      }
+      s.l[r] = s.l[r] * alpha + sum;
+      s.m[r] = m_new;
+    }
+  }
+
+  T* out = static_cast<T*>(p.out);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = q0 + r / group;
+    const int64_t h = kvh * group + r % group;
+    T* dst = out + n * p.out_stride_n + h * p.out_stride_h;
+    const bool seen = s.l[r] > 0.f;
+    const float inv = seen ? 1.f / s.l[r] : 0.f;
+    for (int64_t e = 0; e < d; ++e) dst[e] = from_float<T>(s.acc[r * d + e] * inv);
+    if (p.lse != nullptr) {
+      p.lse[n * p.lse_stride_n + h * p.lse_stride_h] =
+          seen ? s.m[r] + std::log(s.l[r]) : -std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+template <typename T>
+void run(const TreeAttentionParams& p) {
+  const int64_t items = p.batch * p.num_kv_heads;
+  // Rough work estimate to avoid spawning threads for tiny problems.
+  double work = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const double rows = double(p.qo_indptr[b + 1] - p.qo_indptr[b]) * p.num_qo_heads;
+    work += rows * double(p.seq_lens[b]) * double(p.head_dim);
+  }
+  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t nthreads = std::min<int64_t>({hw, items, 1 + int64_t(work / 4.0e6)});
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    Scratch s;
+    for (int64_t it = next++; it < items; it = next++) {
+      attend_group<T>(p, it / p.num_kv_heads, it % p.num_kv_heads, s);
+    }
+  };
+  if (nthreads <= 1) {
+    worker();
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(nthreads - 1);
+  for (int64_t i = 1; i < nthreads; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+std::string validate_tree_attention(const TreeAttentionParams& p) {
+  if (p.num_qo_heads <= 0 || p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0) {
+    return "num_qo_heads (" + std::to_string(p.num_qo_heads) +
+           ") must be a positive multiple of num_kv_heads (" + std::to_string(p.num_kv_heads) +
+           ")";
+  }
+  if (p.head_dim <= 0) return "head_dim must be positive";
+  if (p.page_size <= 0) return "page_size must be positive";
+  if (p.batch < 0 || p.total_q < 0) return "negative batch or query count";
+  if (p.qo_indptr[0] != 0) return "qo_indptr[0] must be 0";
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t t = int64_t(p.qo_indptr[b + 1]) - p.qo_indptr[b];
+    if (t < 0) return "qo_indptr must be non-decreasing (at sequence " + std::to_string(b) + ")";
+    const int64_t len = p.seq_lens[b];
+    if (len < t) {
+      return "seq_lens[" + std::to_string(b) + "] = " + std::to_string(len) +
+             " is shorter than its " + std::to_string(t) + " new tokens";
+    }
+    if (len > p.max_pages * p.page_size) {
+      return "seq_lens[" + std::to_string(b) + "] = " + std::to_string(len) +
+             " exceeds the block table capacity (" + std::to_string(p.max_pages) + " pages of " +
+             std::to_string(p.page_size) + ")";
+    }
+    if (p.mask != nullptr && t > p.mask_words * 32) {
+      return "mask has " + std::to_string(p.mask_words) + " words per row, too few for " +
+             std::to_string(t) + " new tokens of sequence " + std::to_string(b);
+    }
+    const int64_t used = (len + p.page_size - 1) / p.page_size;
+    for (int64_t j = 0; j < used; ++j) {
+      const int64_t page = p.block_table[b * p.block_table_stride + j];
+      if (page < 0 || page >= p.num_pages) {
+        return "block_table[" + std::to_string(b) + ", " + std::to_string(j) + "] = " +
+               std::to_string(page) + " is not a page id in [0, " + std::to_string(p.num_pages) +
+               ")";
+      }
+    }
+  }
+  if (p.qo_indptr[p.batch] != p.total_q) {
+    return "qo_indptr[-1] = " + std::to_string(p.qo_indptr[p.batch]) +
+           " does not match the number of query rows " + std::to_string(p.total_q);
+  }
+  return {};
+}
+
+std::string tree_attention(const TreeAttentionParams& p) {
+  std::string err = validate_tree_attention(p);
+  if (!err.empty()) return err;
+  switch (p.dtype) {
+    case DType::kFloat32: run<float>(p); break;
+    case DType::kFloat16: run<Half>(p); break;
+    case DType::kBFloat16: run<BFloat16>(p); break;
+    default: return "unsupported dtype";
+  }
+  return {};
+}
+
+}  // namespace specrt::cpu
