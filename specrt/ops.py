@@ -249,17 +249,19 @@ def kv_rollback(kv_cache, block_table, committed_lens, path, num_accepted) -> No
         _need(bool(((na >= -1) & (na < path.shape[1])).all()), "num_accepted out of range")
         page_size, num_pages = kv_cache.shape[3], kv_cache.shape[2]
         cl, pth, bt = committed_lens.cpu().long(), path.cpu().long(), block_table.cpu().long()
-        for i in range(b):
-            n = int(na[i]) + 1
-            if n <= 0:
-                continue
-            p = pth[i, :n]
-            _need(int(p[0]) == 0, f"path[{i}] must start at the root (0)")
-            _need(bool((p[1:] > p[:-1]).all()), f"path[{i}] must be strictly increasing")
-            last = int(cl[i]) + int(p[-1])
-            pages = bt[i, : last // page_size + 1]
-            _need(last // page_size < bt.shape[1] and bool(((pages >= 0) & (pages < num_pages)).all()),
-                  f"block_table row {i} does not back position {last}")
+        n = na + 1  # path entries per sequence (0 = nothing moves)
+        live = n > 0
+        cols = torch.arange(pth.shape[1])[None, :]
+        inside = cols < n[:, None]
+        _need(bool((pth[live, 0] == 0).all()), "path: every moving sequence's path must start at the root (0)")
+        steps = pth[:, 1:] > pth[:, :-1]
+        _need(bool((steps | ~inside[:, 1:]).all()), "path: entries must be strictly increasing")
+        last = cl + pth.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]
+        last_page = torch.where(live, last // page_size, torch.full_like(last, -1))
+        _need(bool((last_page < bt.shape[1]).all()), "block_table is too narrow for the accepted paths")
+        used = torch.arange(bt.shape[1])[None, :] <= last_page[:, None]
+        _need(bool(((bt >= 0) & (bt < num_pages) | ~used).all()),
+              "block_table does not back the accepted paths (page ids out of range)")
     _op("kv_rollback")(kv_cache, block_table, committed_lens, path, num_accepted)
 
 
