@@ -295,11 +295,15 @@ class Engine:
     def _admit(self, waiting: list, running: list, run: RunMetrics) -> None:
         """Prefill waiting requests while the batch and the page pool allow."""
         new = []
+        # Pages the running sequences may claim for their next tree: admission leaves them
+        # free, so a newcomer never forces a preemption one step later.
+        headroom = sum(self._next_step_pages(s) for s in running)
         while waiting and len(running) + len(new) < self.max_batch_size:
             seq = waiting[0]
             need = self.cache.pages_needed(len(seq.tokens) + self.max_tree_nodes)
-            if need > self.cache.num_free_pages:
+            if need + headroom > self.cache.num_free_pages:
                 break
+            headroom += need - self.cache.pages_needed(max(len(seq.tokens) - 1, 0))
             waiting.pop(0)
             self.cache.add_sequence(seq.sid)
             self.cache.reserve(seq.sid, len(seq.tokens) - 1)
@@ -329,6 +333,10 @@ class Engine:
         self._sync()
         run.phase_s["prefill"] += time.perf_counter() - t
         running.extend(new)
+
+    def _next_step_pages(self, s: _Seq) -> int:
+        c = self.cache
+        return max(0, c.pages_needed(len(s.tokens) + self.max_tree_nodes) - len(c.pages(s.sid)))
 
     def _step(self, seqs: list, run: RunMetrics) -> list:
         """One verify step for every running sequence; returns the ones that finished."""
