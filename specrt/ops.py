@@ -1,8 +1,11 @@
 """The public op surface: validated wrappers over ``torch.ops.specrt.*``.
 
-Each wrapper checks devices, dtypes and shapes (cheap, always), and the index values it can
-check without a device sync (always on CPU tensors; on CUDA only when ``strict_checks`` is on
-and no CUDA graph is being captured), then calls the registered op. The exact semantics are in
+Each wrapper checks devices, dtypes and shapes (cheap, always), then calls the registered op.
+Index values (page ids, slots, tree shapes, token ids) are checked by the CPU kernels themselves
+before they write anything (a ``RuntimeError`` naming the problem); CUDA kernels skip what is
+out of range rather than fault. With ``strict_checks`` on, the wrapper also reads the index
+tensors on the host and raises :class:`SpecrtInputError` first (one device sync per op on CUDA;
+never while a CUDA graph is being captured). The exact semantics are in
 ``docs/ops.md``; ``specrt.reference`` is their plain-PyTorch oracle.
 
 Outputs follow destination passing: pass ``out=`` tensors to reuse buffers (CUDA graphs), or
@@ -31,8 +34,8 @@ __all__ = [
     "strict_checks",
 ]
 
-#: Check index values of CUDA inputs too (costs a device sync per op). CPU inputs are always
-#: checked. Set ``SPECRT_STRICT=1`` or assign ``specrt.ops.strict_checks = True``.
+#: Check index values in the wrapper too (costs a host read, a device sync on CUDA). Set
+#: ``SPECRT_STRICT=1`` or assign ``specrt.ops.strict_checks = True``.
 strict_checks = os.environ.get("SPECRT_STRICT", "0") == "1"
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -69,12 +72,12 @@ def _check_tensor(name, t, dtypes=None, ndim=None, device=None):
 
 
 def _values_checkable(*ts: torch.Tensor) -> bool:
-    """Index values may be read on the host: CPU tensors, or CUDA under strict_checks when no
-    graph capture is running."""
-    if all(t.device.type == "cpu" for t in ts):
-        return True
+    """Index values are read on the host under strict_checks, unless a graph is being
+    captured."""
     if not strict_checks:
         return False
+    if all(t.device.type == "cpu" for t in ts):
+        return True
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
@@ -293,6 +296,11 @@ def _as_param(name, x, b, dtype, dev):
 
 
 def _sampling_params(b, dev, temperature, top_k, top_p, seed, offset):
+    # Scalars are checked for free; tensors under strict_checks (below).
+    if not isinstance(temperature, torch.Tensor):
+        _need(math.isfinite(temperature) and temperature >= 0, "temperature must be finite and >= 0")
+    if not isinstance(top_p, torch.Tensor):
+        _need(top_p > 0, "top_p must be > 0")
     temperature = _as_param("temperature", temperature, b, torch.float32, dev)
     top_k = _as_param("top_k", top_k, b, torch.int32, dev)
     top_p = _as_param("top_p", top_p, b, torch.float32, dev)
@@ -367,12 +375,10 @@ def rejection_sample(target_logits, draft_tokens, parents, node_indptr, *, draft
         _need(bool(((tok[nr] >= 0) & (tok[nr] < vocab)).all()), f"draft_tokens out of [0, {vocab})")
         if draft_probs is not None:
             _need(bool((par[nr] == local[nr] - 1).all()), "draft_probs are only supported for chains")
-        t_max = int((ip[1:] - ip[:-1]).max())
-        if max_t is None:
-            max_t = t_max
+    if max_t is None or node_indptr.device.type == "cpu":
+        t_max = int((node_indptr[1:] - node_indptr[:-1]).max())  # a host read of B+1 ints
+        max_t = t_max if max_t is None else max_t
         _need(max_t >= t_max, f"max_t={max_t} is smaller than the largest tree ({t_max})")
-    elif max_t is None:
-        max_t = int((node_indptr[1:] - node_indptr[:-1]).max())
     if out is None:
         out = VerifyOutput(torch.empty((b, max_t), dtype=torch.int32, device=dev),
                            torch.empty((b, max_t), dtype=torch.int32, device=dev),

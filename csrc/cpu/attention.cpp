@@ -146,6 +146,9 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
         if (key_visible(p, c0 + j, prefix, q0 + local_i, local_i)) {
           const float* kr = s.k.data() + j * d;
           float dot = 0.f;
+          // NOTE: the simd reduction lets the compiler vectorize the dot product (it may
+          // reassociate the sum); without it GCC keeps this loop scalar.
+#pragma omp simd reduction(+ : dot)
           for (int64_t e = 0; e < d; ++e) dot += qr[e] * kr[e];
           sc = dot * p.sm_scale;
         }
