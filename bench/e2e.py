@@ -110,16 +110,16 @@ def make_proposer(name, model, args, draft=None):
     raise ValueError(name)
 
 
-def hf_peers(path, tok, prompts, chat, max_new, native_greedy, pair_draft=None):
+def hf_peers(path, tok, prompts, chat, max_new, native_greedy, pair_draft=None, dtype=torch.float32):
     """transformers generate (greedy): plain, prompt lookup, assisted. Returns rows."""
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype).eval()
     assistant = None
     if pair_draft is not None:
         d = Path(pair_draft)
-        assistant = AutoModelForCausalLM.from_pretrained(str(d.parent), gguf_file=d.name, dtype=torch.float32).eval()
+        assistant = AutoModelForCausalLM.from_pretrained(str(d.parent), gguf_file=d.name, dtype=dtype).eval()
     dev = next(model.parameters()).device
     rows = []
     modes = [("hf-plain", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 4})]
@@ -213,6 +213,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="model dtype (auto: fp32 on CPU, bf16 on GPU); peers use the same")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -222,7 +224,8 @@ def main(argv=None):
 
     target_name = "qwen2.5-coder-1.5b" if args.pair else args.model
     path = resolve_model(target_name)
-    model, tok = load_model(path, device=device)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tok = load_model(path, device=device, dtype=dtype)
     draft = None
     draft_path = None
     proposers = args.proposers.split(",")
@@ -250,12 +253,14 @@ def main(argv=None):
                     row["speedup_vs_plain"] = row["tokens_per_s"] / plain_tps
                 if temp == 0 and plain_ids is not None:
                     row["greedy_equals_plain"] = ids == plain_ids
+                    row["greedy_prompts_identical"] = f"{sum(a == b for a, b in zip(ids, plain_ids))}/{len(ids)}"
                 result["runs"].append(row)
                 print(f"{set_name:9s} T={temp:<4} {name:10s} {row['tokens_per_s']:7.1f} tok/s  "
                       f"x{row.get('speedup_vs_plain', 1):.2f}  mean acc len {row['mean_accepted_length']:.2f}"
-                      + (f"  greedy==plain {row.get('greedy_equals_plain')}" if temp == 0 else ""), flush=True)
+                      + (f"  greedy==plain {row.get('greedy_prompts_identical')}" if temp == 0 else ""), flush=True)
             if args.hf and temp == 0:
-                for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path):
+                for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path,
+                                  dtype=model.dtype):
                     r.update({"prompt_set": set_name, "temperature": 0.0})
                     r["specrt_plain_over_peer"] = plain_tps / r["tokens_per_s"]
                     result["peers"].append(r)
@@ -268,7 +273,7 @@ def main(argv=None):
                   f"{r['tokens']:3d} tokens {r['step_ms']:8.2f} ms  x{r['relative_to_decode']:.2f} of decode")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"e2e_{device.type}_{result['env'].get('date', time.strftime('%Y-%m-%d'))[:10]}"
+    stem = out / f"e2e_{device.type}_{model.dtype}_{result['env'].get('date', time.strftime('%Y-%m-%d'))[:10]}".replace("torch.", "")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     lines = [f"# e2e ({result['env'].get('device', device.type)}), {result['env'].get('date', '')}",
              f"command: `{result['env'].get('command', ' '.join(sys.argv))}`", "",
@@ -277,7 +282,7 @@ def main(argv=None):
     for r in result["runs"]:
         lines.append(f"| {r['prompt_set']} | {r['temperature']} | specrt {r['proposer']} | {r['tokens_per_s']:.1f} | "
                      f"{r.get('speedup_vs_plain', 1):.2f} | {r['mean_accepted_length']:.2f} | "
-                     f"{r['acceptance_rate']:.1%} | {r.get('greedy_equals_plain', '')} |")
+                     f"{r['acceptance_rate']:.1%} | {r.get('greedy_prompts_identical', '')} |")
     for r in result["peers"]:
         lines.append(f"| {r['prompt_set']} | 0 | {r['system']} | {r['tokens_per_s']:.1f} | "
                      f"specrt plain is x{r['specrt_plain_over_peer']:.2f} | | | agrees {r['greedy_agrees_with_specrt']} |")

@@ -2,8 +2,9 @@
 
 For the longest suffix of the context (``max_n`` down to ``min_n`` tokens) that occurred
 earlier in prompt + output, propose the ``k`` tokens that followed it. With ``max_branches``
-> 1, the distinct continuations of several earlier occurrences (most recent first) are merged
-into a tree. Drafts are deterministic (one-hot q), so verification is lossless for any
+> 1, the distinct continuations of several earlier occurrences are merged into a tree
+(``prefer="recent"``: most recent occurrence first; ``"earliest"``: first occurrence first,
+which favours continuations copied from the prompt). Drafts are deterministic (one-hot q), so verification is lossless for any
 sampling parameters. The index of n-gram end positions is updated incrementally: O(new
 tokens x n) per step.
 """
@@ -17,7 +18,10 @@ class NgramProposer(Proposer):
     name = "ngram"
 
     def __init__(self, k: int = 4, min_n: int = 1, max_n: int = 3, max_branches: int = 1,
-                 max_nodes: int = 64):
+                 max_nodes: int = 64, prefer: str = "recent"):
+        if prefer not in ("recent", "earliest"):
+            raise ValueError(f"prefer must be 'recent' or 'earliest', got {prefer!r}")
+        self.prefer = prefer
         if not (1 <= min_n <= max_n):
             raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         if k < 1 or max_branches < 1:
@@ -61,7 +65,7 @@ class NgramProposer(Proposer):
             if not ends:
                 continue
             paths, seen, nodes = [], set(), 1
-            for end in reversed(ends):
+            for end in (reversed(ends) if self.prefer == "recent" else ends):
                 if end >= last:
                     continue
                 cont = tuple(toks[end + 1:end + 1 + depth])
