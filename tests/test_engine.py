@@ -75,6 +75,7 @@ def _proposers(target, draft):
         "ngram": lambda: NgramProposer(k=4, max_branches=2),
         "draft": lambda: DraftModelProposer(draft, target.config.vocab_size, k=3),
         "draft-adaptive": lambda: DraftModelProposer(draft, target.config.vocab_size, k=5, adaptive=True),
+        "draft-tree": lambda: DraftModelProposer(draft, target.config.vocab_size, k=3, tree_width=3),
         "layer-skip": lambda: LayerSkipProposer(target, 2, k=3),
         "random-tree": lambda: RandomTreeProposer(target.config.vocab_size, max_nodes=12, near=8),
     }
@@ -99,7 +100,7 @@ def test_plain_greedy_matches_recompute(target):
         assert o.finish_reason == "length"
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft", "draft-adaptive", "layer-skip", "random-tree"])
+@pytest.mark.parametrize("name", ["ngram", "draft", "draft-adaptive", "draft-tree", "layer-skip", "random-tree"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_greedy_lossless(target, draft, name, page_size):
     prompts = _prompts(7, seed=11)
@@ -290,3 +291,16 @@ def test_out_of_pages_preempts_and_stays_lossless(target, draft):
     outs = eng.generate([[1] * 30, [1, 2, 3]], SamplingParams(max_new_tokens=3))
     assert outs[0].error is not None and "KV cache" in outs[0].error
     assert outs[1].error is None and len(outs[1].token_ids) == 3
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_self_draft_accepts_everything(target, width):
+    """The target drafting for itself (greedy) must have every draft accepted: any corruption
+    of the draft cache (catch-up, tree rollback via kv_rollback) would show as a rejection."""
+    prop = DraftModelProposer(target, target.config.vocab_size, k=3, tree_width=width)
+    eng = Engine(target, proposer=prop, num_pages=512, max_draft=3)
+    outs = eng.generate(_prompts(3, seed=9), SamplingParams(max_new_tokens=17))
+    for o in outs:
+        # 17 tokens = four full steps of 3 drafts + bonus, then one step with no room to draft
+        assert o.metrics.depth_hist == [1, 0, 0, 4], o.metrics.depth_hist
+        assert len(o.token_ids) == 17 and o.metrics.steps == 5

@@ -1,6 +1,8 @@
 """Draft-model proposer: a small model of the same tokenizer drafts a chain of ``k`` tokens,
 sampled from its processed distribution (the target's temperature / top-k / top-p), whose
-probabilities go to verification; greedy requests draft the argmax chain.
+probabilities go to verification; greedy requests draft the argmax chain, or with
+``tree_width = w > 1`` a top-w tree (the draft's w best first tokens, each continued greedily),
+whose accepted path is compacted in the draft's cache with ``kv_rollback``.
 
 :class:`AutoregressiveDrafter` holds the loop shared with the self-speculative layer-skip
 proposer (``layer_skip.py``): catch the draft cache up to the root, then ``k - 1`` batched
@@ -14,8 +16,8 @@ import torch
 
 from .. import ops
 from ..batch import AttentionMetadata
-from ..kv_cache import PagedKVCache
-from ..tree import DraftTree
+from ..kv_cache import PagedKVCache, build_metadata
+from ..tree import DraftTree, batch_trees
 from .base import Proposer
 
 # The draft's Philox key is the request seed xor this salt, so draft sampling and target
@@ -156,21 +158,27 @@ class AutoregressiveDrafter(Proposer):
 
 
 class DraftModelProposer(AutoregressiveDrafter):
-    """A separate (smaller) model with its own paged cache drafts chains.
+    """A separate (smaller) model with its own paged cache drafts chains (or top-w trees for
+    greedy requests).
 
     Parameters
     ----------
     draft : specrt native model (same tokenizer as the target)
     target_vocab : the target's vocabulary size (draft probabilities are padded to it)
     k, adaptive : see :class:`AutoregressiveDrafter`
+    tree_width : greedy requests draft ``tree_width`` branches of depth ``k`` (1 = a chain)
     num_pages, page_size : the draft's own cache
     """
 
     name = "draft"
 
     def __init__(self, draft, target_vocab: int, k: int = 4, adaptive: bool = False,
-                 num_pages: int = 4096, page_size: int = 16):
+                 num_pages: int = 4096, page_size: int = 16, tree_width: int = 1):
         super().__init__(k, adaptive)
+        if tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {tree_width}")
+        self.tree_width = tree_width
+        self._trees: dict = {}  # seq_id -> (tree, depth k) drafted as a tree this step
         if draft.config.vocab_size > target_vocab:
             raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) is larger than the "
                              f"target's ({target_vocab}): not the same tokenizer")
@@ -196,8 +204,65 @@ class DraftModelProposer(AutoregressiveDrafter):
     def _forward(self, ids, pos, meta, rows):
         return self.model(ids, pos, self.cache.kv, meta, logits_rows=rows).logits
 
+    def propose(self, seqs):
+        self._trees.clear()
+        as_tree = [self.tree_width > 1 and s.temperature == 0 and s.max_draft > 0 for s in seqs]
+        chains = iter(super().propose([s for s, t in zip(seqs, as_tree) if not t]))
+        return [self._propose_tree(s) if t else next(chains) for s, t in zip(seqs, as_tree)]
+
+    def _propose_tree(self, seq) -> DraftTree:
+        """Top-w tree in breadth-first node order: node ``1 + (j-1)*w + i`` is branch ``i`` at
+        depth ``j``. Each level re-runs the tree drafted so far (new tokens = every node, with
+        its tree mask), so node ``i`` always sits at cache slot ``committed + i``."""
+        dev = self.cache.kv.device
+        sid, c, root = seq.seq_id, seq.committed_len, seq.token_ids[-1]
+        k = min(self._k.get(sid, self.k_max), seq.max_draft)
+        dc = self.cache.committed_len(sid)
+        if dc < c:  # catch up on the committed prefix the draft has not seen
+            meta = self._metadata([seq], [dc], [c - dc], dev)
+            self.model(torch.tensor(seq.token_ids[dc:c], device=dev), torch.arange(dc, c, device=dev),
+                       self.cache.kv, meta, logits_rows=torch.empty(0, dtype=torch.long, device=dev))
+            self.cache.commit(sid, c)
+        w = self.tree_width
+        tokens, parents = [root], [-1]
+        for depth in range(k):
+            tree = DraftTree(tokens, parents)
+            tb = batch_trees([tree], [c], device=dev)
+            meta = build_metadata(self.cache, [sid], tb, dev)
+            leaves = list(range(len(tokens) - (w if depth else 1), len(tokens)))
+            logits = self.model(tb.tokens.long(), tb.positions, self.cache.kv, meta,
+                                logits_rows=torch.tensor(leaves, device=dev)).logits
+            if depth == 0:
+                nxt = logits[0].topk(min(w, logits.shape[1])).indices.tolist()
+                new_parents = [0] * len(nxt)
+                w = len(nxt)
+            else:
+                nxt = logits.argmax(dim=-1).tolist()
+                new_parents = leaves
+            tokens += nxt
+            parents += new_parents
+        tree = DraftTree(tokens, parents)
+        self._trees[sid] = (tree, k)
+        self._drafted[sid] = k
+        return tree
+
     def _after_commit(self, seq, result, drafted: int) -> None:
         if result.num_accepted < 0 or drafted == 0:
+            return
+        if seq.seq_id in self._trees:
+            tree, k = self._trees.pop(seq.seq_id)
+            path = list(result.path)
+            if int(tree.depths[path[-1]]) == k:
+                path = path[:-1]  # the deepest level was drafted but never run
+            dev = self.cache.kv.device
+            lens = torch.tensor([seq.committed_len], dtype=torch.int32, device=dev)
+            ops.kv_rollback(self.cache.kv, self.cache.block_table([seq.seq_id], device=dev), lens,
+                            # the op reads the path's width as the tree size
+                            torch.tensor([path + [-1] * (tree.num_nodes - len(path))],
+                                         dtype=torch.int32, device=dev),
+                            torch.tensor([len(path) - 1], dtype=torch.int32, device=dev))
+            self.cache.commit(seq.seq_id, seq.committed_len + len(path))
+            self.cache.trim(seq.seq_id)
             return
         # The draft wrote root, d1..d_{k-1} at positions c..c+k-1 (a chain: already in place);
         # what stays valid is the root plus the accepted drafts it actually ran on.
