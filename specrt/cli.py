@@ -33,15 +33,12 @@ def cmd_generate(args) -> int:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tok = load_model(path, dtype=dtype, device=args.device)
     proposer = _build_proposer(args, model)
-    engine = Engine(model, tok, proposer, max_draft=args.num_draft)
+    if args.nvml and torch.device(args.device).type != "cuda":
+        print("[specrt] --nvml: bandwidth monitoring needs a CUDA device; skipped", file=sys.stderr)
+        args.nvml = False
+    engine = Engine(model, tok, proposer, max_draft=args.num_draft, nvml=args.nvml)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_new_tokens=args.max_new_tokens)
-    monitor = None
-    if args.nvml:
-        from .nvml import BandwidthMonitor
-
-        monitor = BandwidthMonitor(device=args.device)
-        monitor.__enter__()
     for ev in engine.stream([args.prompt], params, chat=args.chat):
         if ev.text:
             sys.stdout.write(ev.text)
@@ -49,13 +46,12 @@ def cmd_generate(args) -> int:
         if ev.finished and ev.output is not None and ev.output.error:
             print(f"\nerror: {ev.output.error}", file=sys.stderr)
             return 1
-    if monitor is not None:
-        monitor.__exit__(None, None, None)
-        engine.metrics.bandwidth = monitor.result()
     m = engine.metrics
     line = f"\n[specrt] {m.summary()}"
-    if monitor is not None and engine.metrics.bandwidth:
-        line += f", DRAM bandwidth util {engine.metrics.bandwidth}"
+    bw = m.bandwidth
+    if bw:
+        line += (f", DRAM bandwidth util {bw.get('dram_bw_util_pct')}% "
+                 f"(SM util {bw.get('sm_util_pct')}%, via {bw.get('method')})")
     print(line, file=sys.stderr)
     return 0
 

@@ -125,13 +125,15 @@ class Engine:
     max_draft : largest draft depth accepted per step
     max_tree_nodes : largest tree (pages are reserved for it)
     profile : synchronize the device between phases so phase times are exact (GPU)
+    nvml : measure DRAM bandwidth / SM utilization over each run with NVML GPM
+        (``specrt.nvml.BandwidthMonitor``) into ``metrics.bandwidth`` (CUDA only)
     """
 
     def __init__(self, model, tokenizer=None, proposer: Optional[Proposer] = None, *,
                  page_size: int = 16, num_pages: Optional[int] = None,
                  memory_bytes: Optional[int] = None, max_batch_size: int = 32,
                  max_seq_len: Optional[int] = None, max_draft: int = 8,
-                 max_tree_nodes: int = 64, profile: bool = False):
+                 max_tree_nodes: int = 64, profile: bool = False, nvml: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.proposer = proposer or NoProposer()
@@ -143,6 +145,9 @@ class Engine:
         self.max_draft = max_draft
         self.max_tree_nodes = max_tree_nodes
         self.profile = profile
+        if nvml and self.device.type != "cuda":
+            raise ValueError("nvml bandwidth monitoring needs the model on a CUDA device")
+        self.nvml = nvml
         if num_pages is None:
             if memory_bytes is not None:
                 per_page = 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
@@ -191,6 +196,12 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         self.metrics = run = RunMetrics()
+        monitor = None
+        if self.nvml:
+            from .nvml import BandwidthMonitor
+
+            monitor = BandwidthMonitor(device=self.device)
+            monitor.__enter__()
         t0 = time.perf_counter()
         waiting: list[_Seq] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -238,6 +249,9 @@ class Engine:
                 self._release(seq)
             run.wall_s = time.perf_counter() - t0
             run.steps = sum(run.depth_hist)
+            if monitor is not None:
+                monitor.__exit__(None, None, None)
+                run.bandwidth = monitor.result()
 
     # ---------------------------------------------------------------------------- internals
     def _make_seq(self, i, prompt, p: SamplingParams, chat: bool):

@@ -107,10 +107,11 @@ def _cuda_index(device) -> int:
             return 0
     if isinstance(device, int):
         return device
-    idx = getattr(device, "index", None)
-    if idx is None and isinstance(device, str) and ":" in device:
-        idx = int(device.split(":")[1])
-    return int(idx or 0)
+    if isinstance(device, str):
+        import torch
+
+        device = torch.device(device)
+    return int(getattr(device, "index", None) or 0)
 
 
 def _handle(pynvml, index: int):

@@ -304,3 +304,23 @@ def test_self_draft_accepts_everything(target, width):
         # 17 tokens = four full steps of 3 drafts + bonus, then one step with no room to draft
         assert o.metrics.depth_hist == [1, 0, 0, 4], o.metrics.depth_hist
         assert len(o.token_ids) == 17 and o.metrics.steps == 5
+
+
+def test_nvml_flag_needs_cuda(target):
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(target, nvml=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_on_gpu_lossless_and_bandwidth():
+    tgt = tiny_model(seed=1, scale=3.0)
+    gpu = tiny_model(seed=1, scale=3.0).to("cuda")
+    gpu.device = torch.device("cuda")
+    prompts = _prompts(4, seed=1)
+    p = SamplingParams(max_new_tokens=16)
+    ref = Engine(tgt, num_pages=512).generate(prompts, p)
+    eng = Engine(gpu, proposer=NgramProposer(k=4), num_pages=512, nvml=True)
+    outs = eng.generate(prompts, p)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]  # fp32 on both devices
+    assert eng.metrics.bandwidth.get("method") in ("gpm", "utilization", "none")
