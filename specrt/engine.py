@@ -15,6 +15,7 @@ the others go on.
 """
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
@@ -405,8 +406,8 @@ class Engine:
         # The one host read of the step.
         host = torch.cat([ver.num_accepted[:, None], ver.tokens, ver.path], dim=1).cpu().tolist()
         mt = tb.max_t
-        results, finished, indptr = [], [], tb.node_indptr.tolist() if tb.node_indptr.device.type == "cpu" else None
-        rows = []
+        results, finished, rows = [], [], []
+        indptr = [0, *itertools.accumulate(tb.num_nodes)]  # host copy of tb.node_indptr
         for i, (s, row) in enumerate(zip(seqs, host)):
             na = row[0]
             if na < 0:
@@ -420,8 +421,6 @@ class Engine:
             self.cache.trim(s.sid)
             s.step += 1
             s.out.metrics.record_step(trees[i].max_depth, na)
-            if indptr is None:
-                indptr = tb.node_indptr.tolist()
             rows.append([indptr[i] + j for j in path])
             results.append(StepResult(path, emitted, na))
             if self._emit(s, emitted):
