@@ -197,13 +197,6 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         self.metrics = run = RunMetrics()
-        monitor = None
-        if self.nvml:
-            from .nvml import BandwidthMonitor
-
-            monitor = BandwidthMonitor(device=self.device)
-            monitor.__enter__()
-        t0 = time.perf_counter()
         waiting: list[_Seq] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             seq, err = self._make_seq(i, prompt, p, chat)
@@ -213,7 +206,15 @@ class Engine:
                 continue
             waiting.append(seq)
         running: list[_Seq] = []
+        monitor = None
+        if self.nvml:
+            from .nvml import BandwidthMonitor
+
+            monitor = BandwidthMonitor(device=self.device)
+        t0 = time.perf_counter()
         try:
+            if monitor is not None:
+                monitor.__enter__()
             while waiting or running:
                 self._admit(waiting, running, run)
                 if not running:  # nothing fits even alone: fail the head of the queue
