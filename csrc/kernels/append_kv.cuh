@@ -92,9 +92,12 @@ cudaError_t launch_append_kv_vec(const AppendKvParams& p, cudaStream_t stream) {
   const int64_t rows_per_block = kAppendKvThreads >> log2_group;
   int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   blocks = blocks < (1 << 20) ? blocks : (1 << 20);  // grid-stride beyond this
-  append_kv_kernel<Vec><<<static_cast<unsigned>(blocks), kAppendKvThreads, 0, stream>>>(
-      p, log2_group, static_cast<int>(row_vecs));
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(kAppendKvThreads);
+  cfg.stream = stream;
+  return cudaLaunchKernelEx(&cfg, append_kv_kernel<Vec>, p, log2_group,
+                            static_cast<int>(row_vecs));
 }
 
 inline cudaError_t launch_append_kv(const AppendKvParams& p, cudaStream_t stream) {

@@ -48,6 +48,7 @@
 #include <cuda_runtime.h>
 
 #include "cpu/cache.h"
+#include "kernels/ptx.cuh"
 #include "specrt/cache.h"
 
 namespace specrt::kernels {
@@ -69,8 +70,8 @@ __device__ __forceinline__ int32_t rb_page(const KvRollbackParams& p, int64_t b,
 template <typename Vec>
 __global__ void __launch_bounds__(kRollbackThreads, kRollbackBlocksPerSm)
     kv_rollback_kernel(const __grid_constant__ KvRollbackParams p, int cluster) {
-  extern __shared__ int64_t s_off[];  // [2 * (n - m)]: (src, dst) element offsets in a plane
-  __shared__ int s_first_moved;
+  SPECRT_DYNAMIC_SHARED(int64_t, s_off);  // [2 * (n - m)]: (src, dst) element offsets in a plane
+  SPECRT_SHARED(int, s_first_moved);
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x / cluster;
   const int rank = blockIdx.x - static_cast<int>(b) * cluster;

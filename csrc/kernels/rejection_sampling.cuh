@@ -33,6 +33,7 @@
 
 #include <cstdint>
 
+#include "kernels/ptx.cuh"
 #include "kernels/sampling_rules.cuh"
 
 namespace specrt::kernels::sampling {
@@ -487,8 +488,8 @@ __global__ void __launch_bounds__(kThreads)
     rejection_sample_kernel(const __grid_constant__ KernelArgs a) {
   using Reader = ChunkReader<D, kAligned>;
   using S = typename Reader::S;
-  __shared__ Smem smem;
-  extern __shared__ __align__(16) unsigned char dyn[];
+  SPECRT_SHARED(Smem, smem);
+  SPECRT_DYNAMIC_SHARED(unsigned char, dyn);
 
   Ctx ctx{cg::this_cluster(), &smem, 0, 1, 0, static_cast<int>(threadIdx.x & 31),
           static_cast<int>(threadIdx.x >> 5)};

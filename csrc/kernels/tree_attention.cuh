@@ -29,6 +29,7 @@
 
 #include <cstdint>
 
+#include "kernels/ptx.cuh"
 #include "specrt/attention.h"
 
 namespace specrt::kernels::attention {
@@ -62,45 +63,13 @@ struct Traits {
   }
 };
 
-// ---- small PTX helpers ----
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; when !valid nothing is read and the destination is zero-filled (padding
-// keys must hold finite values: P = 0 times garbage could still be NaN).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+// ---- PTX helpers (kernels/ptx.cuh; emulated twins under the SIMT emulation) ----
+using ptx::cp_async16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
+__device__ __forceinline__ float fast_exp2(float x) { return ptx::ex2_approx(x); }
 
 template <typename T>
 struct TypeOps;
@@ -122,11 +91,7 @@ struct TypeOps<__half> {
   }
   __device__ static __half from_float(float a) { return __float2half_rn(a); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_f16(c, a, b0, b1);
   }
 };
 
@@ -147,11 +112,7 @@ struct TypeOps<__nv_bfloat16> {
   }
   __device__ static __nv_bfloat16 from_float(float a) { return __float2bfloat16_rn(a); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_bf16(c, a, b0, b1);
   }
 };
 
@@ -614,7 +575,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int N = kMma ? Tr::kTileNMma : Tr::kTileNSimt;
   WorkItem w;
   if (!decode_item(p, w)) return;
-  extern __shared__ __align__(16) unsigned char smem[];
+  SPECRT_DYNAMIC_SHARED(unsigned char, smem);
   T* sk = reinterpret_cast<T*>(smem);
   T* sv = sk + Tr::kStages * N * D;
   const int kv_head = blockIdx.y;
@@ -712,9 +673,12 @@ cudaError_t launch_main(const TreeAttentionCudaParams& p, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(p.plan != nullptr ? p.plan_item_capacity : p.batch, p.num_kv_heads);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.plan != nullptr ? p.plan_item_capacity : p.batch, p.num_kv_heads);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
 inline cudaError_t run(const TreeAttentionCudaParams& p, cudaStream_t stream) {
@@ -740,8 +704,11 @@ inline cudaError_t run(const TreeAttentionCudaParams& p, cudaStream_t stream) {
                                          : launch_main<T, D, 8>(p, stream);
       if (err != cudaSuccess) return err;
       if (p.plan != nullptr) {
-        tree_attention_merge_kernel<T, D><<<p.total_q, kThreads, 0, stream>>>(p);
-        err = cudaGetLastError();
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(p.total_q);
+        cfg.blockDim = dim3(kThreads);
+        cfg.stream = stream;
+        err = cudaLaunchKernelEx(&cfg, tree_attention_merge_kernel<T, D>, p);
         if (err != cudaSuccess) return err;
       }
     })

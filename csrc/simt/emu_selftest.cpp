@@ -1,0 +1,2 @@
+// The emulator self-test kernels (selftest.cu) compiled for the SIMT emulation.
+#include "selftest.cu"
