@@ -4,23 +4,43 @@ Usage::
 
     python bench/roofline.py [--kernel tree_attention|rejection|kv_rollback|append_kv|all]
                              [--quick] [--device cuda|cpu] [--out bench/results]
-                             [--peers all|none|NAME,...] [--no-gpm]
+                             [--peers all|none|NAME,...] [--no-gpm] [--no-flush] [--allow-dirty]
 
 Method
 ------
 * Ceilings, measured first in the same run: a large device-to-device copy (bytes read +
   written / median time) and a large matmul (``2 n^3`` / median time; bf16 on GPU, fp32 on CPU).
   On GPU the nominal peak DRAM bandwidth comes from NVML (bus width / 8 x max memory clock x 2).
-* GPU timing (``bench/common.py``): 5 warm-up calls; the call is captured in a CUDA graph when
-  capture works (``cuda_graph`` in the output; FlashInfer peers run eagerly); then 10-100 reps
-  (about 0.3 s per point), each between its own pair of CUDA events, with the L2 cache flushed
-  before each rep by writing a buffer of twice the L2 size (outside the events); the figure is
-  the median. Ops get preallocated outputs and ``check=False`` so no host sync happens inside.
-* CPU timing: ``time.perf_counter`` around each call, median of 3-20 reps, no cache flush; the
-  wrappers' host-side input validation is part of the CPU time.
+* GPU timing (``bench/common.py``): 5 warm-up calls; every implementation, specrt's and the
+  peers' alike, is captured in a CUDA graph and replayed when capture works (FlashInfer's
+  wrappers are built with ``use_cuda_graph=True``, planned, then captured; its sampling gets
+  seed / offset tensors so nothing syncs inside); the ``mode`` column says ``graph`` or
+  ``eager`` per row, with the reason when capture failed. Then 10-100 reps (about 0.3 s per
+  point), each between its own pair of CUDA events, with the L2 cache flushed before each rep by
+  writing a buffer of twice the L2 size (outside the events); the figure is the median. Every
+  rep so starts with the point's data in HBM, which is what makes ``pct_of_peak <= 100`` a
+  physical bound. Ops get preallocated outputs and ``check=False`` so no host sync happens
+  inside.
+* CPU timing: ``time.perf_counter`` around each call, median of 3-20 reps (3 with ``--quick``);
+  before every rep, outside the timed region, a buffer of twice the last-level cache is written
+  (``common.CacheFlusher``), so each rep starts from DRAM. ``--no-flush`` skips it. Either way
+  the ``cache`` column says ``flushed`` or ``warm``, plus ``,fits`` when the point's working set
+  (its bytes) fits in the last-level cache (``fits_in_cache``): a ``warm,fits`` figure is a cache
+  figure; a ``flushed,fits`` point read its inputs from DRAM, but its writes can still be sitting
+  in the cache when the timing stops, so a write-heavy small point can exceed the copy ceiling.
+  The wrappers' host-side input validation is part of the CPU time.
+* tree_attention measures the verify-step path: ``specrt.ops.tree_attention`` with the split-KV
+  plan and workspace of ``specrt.ops.plan_tree_attention`` (flash-decoding split, so batch 1 at
+  long context fills the GPU), planned once per point outside the timing (``plan_host_us`` is
+  that host cost; a step that replans pays it). The engine's verify step is meant to plan with
+  the same function (``specrt.attention_plan.plan_tree_attention``). ``specrt_no_plan`` (GPU)
+  is the same kernel called without a plan (one CTA per sequence and KV head): what a caller
+  that passes no plan gets, reported so the split's gain is visible. On CPU the plan is ignored.
 * GPM: when NVML GPM is available, each implementation is also run back to back for >= 0.3 s
   (no flush) inside ``specrt.nvml.BandwidthMonitor``; ``gpm_dram_util_pct`` is the DRAM
   bandwidth utilization NVML measured over that loop.
+* Provenance: results are refused from a tree with uncommitted changes to tracked files unless
+  ``--allow-dirty`` is given; the git commit is recorded, followed by ``-dirty`` in that case.
 
 Bytes and FLOPs of a point (what must move at the least; identical for specrt and its peers,
 so a peer's GB/s is an *effective* bandwidth):
@@ -29,8 +49,14 @@ so a peer's GB/s is an *effective* bandwidth):
   plus q and out: ``B*L*Hkv*D*2*e + 2*N*Hq*D*e`` (``L`` = context + new tokens, ``N`` = new
   tokens over the batch, ``e`` = element bytes; page tables and the mask are left out).
   FLOPs: ``4*D*Hq`` per (query, visible key) pair (``QK^T`` and ``PV``; softmax not counted).
-* rejection: the logits read once (``N*V*e``), plus the draft probabilities (``N*V*4``) when
-  given. FLOPs: ``4*N*V`` (scale, max, exp, sum per logit; an order of magnitude).
+* rejection: every logits row read once (``N*V*e``: a sequence's validity depends on all its
+  rows). Draft probabilities (chains): the kernel reads ``q[x]`` of each acceptance test and, on
+  the first rejection, the rejecting node's whole row for the residual ``max(0, p - q)``; so
+  ``4*(accepted tests) + 4*V*(sequences with a rejection)``, counted from the point's actual
+  outcome (Philox with fixed seeds: every rep takes the same walk). top-k / top-p points re-read
+  the visited rows in their threshold passes; those re-reads are not counted (a row is counted
+  once), so a filter shows up as lower GB/s. Index arrays and outputs (O(N) ints) are left out.
+  FLOPs: ``4*N*V`` (scale, max, exp, sum per logit; an order of magnitude).
 * kv_rollback: every K/V row that actually moves, read and written, over all layers:
   ``moved*layers*2*Hkv*D*e*2``; the chain (nothing moves) has 0 bytes and reports time only.
 * append_kv: K/V read from the inputs and written into the cache: ``2*(2*N*Hkv*D*e)``.
@@ -39,7 +65,12 @@ so a peer's GB/s is an *effective* bandwidth):
 (= specrt's GB/s over the peer's; > 1 means specrt is faster).
 
 Outputs in ``--out``: ``roofline_<device>[_<kernel>]_<date>.{json,csv,png}`` with the device,
-date, torch/CUDA versions, git commit and the exact command line.
+date, torch/CUDA versions, git commit (and whether the tree was dirty), cache sizes and flush
+method, and the exact command line.
+
+GPU paths (graph capture of the FlashInfer peers, top-k / top-p points on CUDA, the no-plan row)
+are written against the documented APIs and exercised on CPU only as far as argument plumbing
+goes: not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -62,8 +93,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 KERNELS = ("tree_attention", "rejection", "kv_rollback", "append_kv")
-PEERS = ("torch_sdpa", "torch_sdpa_gather", "flex_attention", "flashinfer", "torch_vectorized",
-         "flashinfer_chain", "torch_index", "chain_noop")
+PEERS = ("torch_sdpa", "torch_sdpa_gather", "flex_attention", "flashinfer", "specrt_no_plan",
+         "torch_vectorized", "flashinfer_chain", "torch_index", "chain_noop")
+GPU_ONLY_PEERS = ("flex_attention", "flashinfer", "specrt_no_plan", "flashinfer_chain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +146,34 @@ def attention_flops(batch: int, pairs_per_seq: int, hq: int, d: int) -> int:
     return 4 * d * hq * batch * pairs_per_seq
 
 
-def rejection_bytes(nodes: int, vocab: int, logit_elem: int, draft_probs: bool) -> int:
-    return nodes * vocab * logit_elem + (nodes * vocab * 4 if draft_probs else 0)
+def rejection_draft_reads(num_accepted, tree_size: int) -> tuple[int, int]:
+    """Draft-probability traffic of chain verification, from each sequence's outcome:
+    ``(single probabilities read, whole fp32 rows read)``.
+
+    A sequence of ``tree_size`` nodes (``tree_size - 1`` drafts) that accepted ``a`` drafts
+    read ``q[x]`` for each of them; if a draft was rejected (``a < tree_size - 1``) it also read
+    the rejecting node's whole row (the residual ``max(0, p - q)``; that row holds the rejected
+    ``q[x]``, so it is not counted twice). All accepted: the bonus comes from the target alone.
+    ``a == -1`` (invalid logits) reads no draft probability.
+    """
+    reads = rows = 0
+    for a in num_accepted:
+        a = int(a)
+        if a < 0:
+            continue
+        if a >= tree_size - 1:
+            reads += tree_size - 1
+        else:
+            reads += a
+            rows += 1
+    return reads, rows
+
+
+def rejection_bytes(nodes: int, vocab: int, logit_elem: int, draft_reads: int = 0,
+                    draft_rows: int = 0) -> int:
+    """Every logits row once, plus the draft probabilities the walk reads
+    (:func:`rejection_draft_reads`; fp32)."""
+    return nodes * vocab * logit_elem + 4 * draft_reads + 4 * vocab * draft_rows
 
 
 def rejection_flops(nodes: int, vocab: int) -> int:
@@ -179,26 +237,42 @@ def sweep(kernel: str, device_type: str, quick: bool) -> list[dict]:
                    dict(geometry="llama3-8b", batch=1, context=512, new=1)]
     elif kernel == "rejection":
         shapes = [("chain", 1), ("chain", 4), ("chain", 8), ("tree", 16), ("tree", 64)]
+        # top-k / top-p: the threshold passes over every visited row
+        filters = [(50, 1.0), (0, 0.9), (50, 0.9)]
         if gpu and not quick:
             for b in (1, 8, 32, 128, 256):
                 for kind, n in shapes:
                     for v in (32000, 128256, 151936):
                         for dt in ("float32", "bfloat16"):
                             pts.append(dict(batch=b, draft=kind, size=n, vocab=v, logits=dt))
+            for b in (1, 32, 256):
+                for kind, n in (("chain", 4), ("tree", 16)):
+                    for k, tp in filters:
+                        pts.append(dict(batch=b, draft=kind, size=n, vocab=128256, logits="bfloat16",
+                                        top_k=k, top_p=tp))
         elif gpu:
             pts = [dict(batch=1, draft="chain", size=4, vocab=128256, logits="float32"),
                    dict(batch=32, draft="chain", size=4, vocab=128256, logits="bfloat16"),
                    dict(batch=128, draft="tree", size=64, vocab=32000, logits="float32"),
-                   dict(batch=256, draft="chain", size=8, vocab=151936, logits="bfloat16")]
+                   dict(batch=256, draft="chain", size=8, vocab=151936, logits="bfloat16"),
+                   dict(batch=32, draft="chain", size=4, vocab=128256, logits="bfloat16", top_k=50),
+                   dict(batch=32, draft="tree", size=16, vocab=128256, logits="bfloat16", top_p=0.9)]
         elif not quick:
             for b in (1, 8):
                 for kind, n in (("chain", 4), ("tree", 16)):
                     pts.append(dict(batch=b, draft=kind, size=n, vocab=32000, logits="float32"))
             pts += [dict(batch=8, draft="chain", size=4, vocab=32000, logits="bfloat16"),
                     dict(batch=1, draft="chain", size=8, vocab=151936, logits="float32")]
+            for k, tp in filters:
+                pts.append(dict(batch=8, draft="chain", size=4, vocab=32000, logits="float32",
+                                top_k=k, top_p=tp))
+            pts.append(dict(batch=8, draft="tree", size=16, vocab=32000, logits="float32", top_k=50,
+                            top_p=0.9))
         else:
             pts = [dict(batch=1, draft="chain", size=4, vocab=32000, logits="float32"),
-                   dict(batch=4, draft="tree", size=16, vocab=32000, logits="bfloat16")]
+                   dict(batch=4, draft="tree", size=16, vocab=32000, logits="bfloat16"),
+                   dict(batch=2, draft="chain", size=4, vocab=32000, logits="float32", top_k=50,
+                        top_p=0.9)]
     elif kernel == "kv_rollback":
         if gpu and not quick:
             for g in (LLAMA3_8B, SMOLLM2):
@@ -235,11 +309,21 @@ def label_of(kernel: str, p: dict) -> str:
     if kernel == "tree_attention":
         return f"{p['geometry']} b{p['batch']} ctx{p['context']} t{p['new']}"
     if kernel == "rejection":
-        return f"b{p['batch']} {p['draft']}{p['size']} V{p['vocab']} {p['logits']}"
+        return (f"b{p['batch']} {p['draft']}{p['size']} V{p['vocab']} {p['logits']}"
+                + (f" topk{p['top_k']}" if p.get("top_k", 0) > 0 else "")
+                + (f" topp{p['top_p']}" if p.get("top_p", 1.0) < 1 else ""))
     if kernel == "kv_rollback":
         tree = "chain" if p["tree"] is None else f"tree{p['tree']}"
         return f"{p['geometry']} b{p['batch']} path{p['path']} {tree}"
     return f"{p['geometry']} n{p['tokens']}"
+
+
+def check_key(kernel: str, p: dict):
+    """Points sharing a key share one reference check (CPU): the first point of each kernel,
+    and for rejection the first point of each top-k / top-p setting."""
+    if kernel == "rejection":
+        return (kernel, p.get("top_k", 0), p.get("top_p", 1.0))
+    return (kernel,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +339,7 @@ class Impl:
     error: Optional[str] = None  # set: could not be prepared (skipped with this reason)
     note: Optional[str] = None
     moves_bytes: bool = True  # False: a baseline that does not do the point's work (time only)
+    extra: dict = field(default_factory=dict)  # more fields for the row (e.g. plan_host_us)
 
 
 @dataclass
@@ -264,6 +349,7 @@ class Case:
     specrt: Impl
     peers: dict = field(default_factory=dict)
     check: Optional[Callable[[], dict]] = None  # CPU: op vs specrt.reference
+    check_key: tuple = ()  # points with the same key share one check (see check_key())
 
 
 def _peer(fn_builder: Callable[[], Impl]) -> Impl:
@@ -318,16 +404,33 @@ def case_tree_attention(p: dict, device, peers: set) -> Case:
 
         mask = pack_mask(vis).repeat(b, 1).to(dev)
     scale = 1.0 / math.sqrt(g.d)
+    # The verify step's path: a split-KV plan from plan_tree_attention (None on CPU, where the
+    # op ignores it), made on the host outside the timing; its host cost is reported.
+    t_plan = time.perf_counter()
     plan, ws = ops.plan_tree_attention(qo_indptr.cpu(), seq_lens.cpu(), g.hq, g.hkv, g.d, PAGE, dev)
+    plan_us = (time.perf_counter() - t_plan) * 1e6
     elem = torch.finfo(dt).bits // 8
 
     def run():
         ops.tree_attention(q, k_cache, v_cache, block_table, seq_lens, qo_indptr, mask,
                            sm_scale=scale, out=out, plan=plan, workspace=ws)
 
+    spec_note = ("split-KV plan from specrt.ops.plan_tree_attention (made outside the timing)"
+                 if plan is not None else "CPU kernel (no split-KV plan on CPU)")
     case = Case(bytes=attention_bytes(b, ctx, t, g.hq, g.hkv, g.d, elem),
                 flops=attention_flops(b, attention_visible_pairs(ctx, parents), g.hq, g.d),
-                specrt=Impl(run))
+                specrt=Impl(run, note=spec_note,
+                            extra={"split_kv_plan": plan is not None,
+                                   "plan_host_us": plan_us if plan is not None else None}))
+    if "specrt_no_plan" in peers:
+        def no_plan():
+            if dev.type != "cuda":
+                raise RuntimeError("GPU only (the CPU op has no split-KV plan)")
+            out2 = torch.empty_like(q)
+            return Impl(lambda: ops.tree_attention(q, k_cache, v_cache, block_table, seq_lens,
+                                                   qo_indptr, mask, sm_scale=scale, out=out2),
+                        note="specrt tree_attention without a plan: one CTA per (sequence, KV head)")
+        case.peers["specrt_no_plan"] = _peer(no_plan)
     group = g.hq // g.hkv
     dense = torch.ones(t, seq, dtype=torch.bool)
     dense[:, ctx:] = vis
@@ -408,23 +511,42 @@ def _flex_impl(dev, q, gather_kv, vis, b, t, seq, ctx, g, scale) -> Impl:
 
 def _flashinfer_attention_impl(dev, q, k_cache, v_cache, block_table, qo_indptr, dense, b, t,
                                seq, pps, g, dt, scale) -> Impl:
+    """FlashInfer's paged prefill wrapper in its CUDA-graph mode: fixed device buffers for the
+    indptrs, page indices and the packed mask, planned once, then captured by the runner like
+    specrt's op. (Not yet run on a GPU.)"""
     if dev.type != "cuda":
         raise RuntimeError("FlashInfer runs on GPU only")
     import flashinfer
 
+    kw = flashinfer_graph_buffers(b, t, seq, pps, dev)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, **kw)
     kv_indptr = (torch.arange(b + 1, dtype=torch.int32) * pps).to(dev)
     kv_indices = block_table.flatten().contiguous()
     last = torch.full((b,), seq - (pps - 1) * PAGE, dtype=torch.int32, device=dev)
     # NOTE: the boolean custom_mask, not packed_custom_mask (known FlashInfer bug with the
-    # packed form); one [T, L] block per request, flattened.
+    # packed form); one [T, L] block per request, flattened. plan() packs it into the buffer.
     custom = dense.to(dev).flatten().repeat(b)
     w.plan(qo_indptr, kv_indptr, kv_indices, last, g.hq, g.hkv, g.d, PAGE, custom_mask=custom,
            q_data_type=dt, kv_data_type=dt, sm_scale=scale)
     out = torch.empty_like(q)
     fn = lambda: w.run(q, (k_cache, v_cache), out=out)  # noqa: E731
-    return Impl(fn, graph=False, note="BatchPrefillWithPagedKVCacheWrapper, boolean custom_mask, eager")
+    fn()  # JIT-compile / load the module now, outside capture and timing
+    return Impl(fn, note="BatchPrefillWithPagedKVCacheWrapper(use_cuda_graph=True), boolean custom_mask")
+
+
+def flashinfer_graph_buffers(b: int, t: int, seq: int, pps: int, dev) -> dict:
+    """The fixed buffers FlashInfer's paged prefill wrapper needs in CUDA-graph mode for a batch
+    of ``b`` requests with ``t`` queries over ``seq`` keys in ``pps`` pages each: indptrs
+    ``[b+1]``, page indices ``[b*pps]``, last-page lengths ``[b]`` (int32), and the bit-packed
+    custom mask (uint8; each request's ``t*seq`` bits padded to whole bytes)."""
+    i32 = dict(dtype=torch.int32, device=dev)
+    return {"qo_indptr_buf": torch.zeros(b + 1, **i32),
+            "paged_kv_indptr_buf": torch.zeros(b + 1, **i32),
+            "paged_kv_indices_buf": torch.zeros(b * pps, **i32),
+            "paged_kv_last_page_len_buf": torch.zeros(b, **i32),
+            "custom_mask_buf": torch.zeros(b * ((t * seq + 7) // 8), dtype=torch.uint8, device=dev),
+            "mask_indptr_buf": torch.zeros(b + 1, **i32)}
 
 
 def case_rejection(p: dict, device, peers: set) -> Case:
@@ -447,9 +569,10 @@ def case_rejection(p: dict, device, peers: set) -> Case:
     draft_probs = None
     if kind == "chain":
         draft_probs = torch.softmax(logits.float() + 0.5 * torch.randn(n, vocab, device=dev), -1)
+    k_val, p_val = int(p.get("top_k", 0)), float(p.get("top_p", 1.0))
     temp = torch.ones(b, dtype=torch.float32, device=dev)
-    top_k = torch.zeros(b, dtype=torch.int32, device=dev)
-    top_p = torch.ones(b, dtype=torch.float32, device=dev)
+    top_k = torch.full((b,), k_val, dtype=torch.int32, device=dev)
+    top_p = torch.full((b,), p_val, dtype=torch.float32, device=dev)
     seed = torch.arange(b, dtype=torch.int64, device=dev) + 1234
     offset = torch.zeros(b, dtype=torch.int64, device=dev)
     out = ops.VerifyOutput(torch.empty(b, t, dtype=torch.int32, device=dev),
@@ -462,15 +585,24 @@ def case_rejection(p: dict, device, peers: set) -> Case:
                              offset=offset, max_t=t, out=out, check=False)
 
     elem = torch.finfo(ldt).bits // 8
-    case = Case(bytes=rejection_bytes(n, vocab, elem, draft_probs is not None),
-                flops=rejection_flops(n, vocab), specrt=Impl(run))
+    # The walk's draft-probability reads depend on the outcome, which is the same every rep
+    # (Philox, fixed seeds): run once (outside the timing) and count it.
+    reads = rows = 0
+    if draft_probs is not None:
+        run()
+        reads, rows = rejection_draft_reads(out.num_accepted.cpu().tolist(), t)
+    case = Case(bytes=rejection_bytes(n, vocab, elem, reads, rows),
+                flops=rejection_flops(n, vocab), specrt=Impl(run),
+                check_key=check_key("rejection", p))
+    case.specrt.extra = {"draft_prob_reads": reads, "draft_prob_rows": rows,
+                         "top_k": k_val, "top_p": p_val}
     ld = t - 1 if kind == "chain" else t  # accept decisions per sequence
     if "torch_vectorized" in peers:
         case.peers["torch_vectorized"] = _peer(lambda: _torch_verify_impl(
-            logits, draft_probs, tokens, parents_local, b, t, vocab, kind))
+            logits, draft_probs, tokens, parents_local, b, t, vocab, kind, k_val, p_val))
     if "flashinfer_chain" in peers and kind == "chain":
         case.peers["flashinfer_chain"] = _peer(lambda: _flashinfer_chain_impl(
-            dev, logits, draft_probs, tokens, b, t, vocab, ld))
+            dev, logits, draft_probs, tokens, b, t, vocab, ld, k_val, p_val))
     if dev.type == "cpu":
         def check():
             from specrt import reference
@@ -486,17 +618,36 @@ def case_rejection(p: dict, device, peers: set) -> Case:
     return case
 
 
-def _torch_verify_impl(logits, draft_probs, tokens, parents_local, b, t, vocab, kind) -> Impl:
-    """Vectorized PyTorch verification: softmax + gather + compare + multinomial. Exact for
-    chains with draft probabilities; for trees it does the same work with the walk taken in
-    node order (a work-equivalent peer, not an exact tree verifier)."""
+def filter_probs(p: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Rows of ``p`` [.., V] restricted to top-k then top-p and renormalized, in plain PyTorch
+    (the peers' processing; top-k keeps ties at the k-th value, top-p keeps a token when the
+    mass strictly before it in sorted order is < top_p)."""
+    vocab = p.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(p, top_k, dim=-1).values[..., -1:]
+        p = torch.where(p >= kth, p, torch.zeros_like(p))
+        p = p / p.sum(-1, keepdim=True)
+    if top_p < 1:
+        sp, idx = torch.sort(p, dim=-1, descending=True)
+        before = sp.cumsum(-1) - sp
+        sp = torch.where(before < top_p, sp, torch.zeros_like(sp))
+        p = torch.zeros_like(p).scatter_(-1, idx, sp)
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def _torch_verify_impl(logits, draft_probs, tokens, parents_local, b, t, vocab, kind,
+                       top_k: int = 0, top_p: float = 1.0) -> Impl:
+    """Vectorized PyTorch verification: softmax (+ top-k / top-p) + gather + compare +
+    multinomial. Exact for chains with draft probabilities; for trees it does the same work with
+    the walk taken in node order (a work-equivalent peer, not an exact tree verifier)."""
     dev = logits.device
     par = torch.tensor([max(x, 0) for x in parents_local], device=dev)
     tok = tokens.view(b, t).long()[:, 1:]  # tokens of nodes 1..T-1
     rows = torch.arange(b, device=dev)
 
     def fn():
-        p = torch.softmax(logits.float(), -1).view(b, t, vocab)
+        p = filter_probs(torch.softmax(logits.float(), -1), top_k, top_p).view(b, t, vocab)
         p_par = p[:, par[1:]]  # [B, T-1, V]: the distribution each draft token is judged by
         px = p_par.gather(-1, tok[..., None]).squeeze(-1)
         u = torch.rand(b, t - 1, device=dev)
@@ -517,29 +668,57 @@ def _torch_verify_impl(logits, draft_probs, tokens, parents_local, b, t, vocab, 
             resid = p_at
         return torch.multinomial(resid, 1), n_acc
     note = "exact chain verification" if kind == "chain" else "tree walk taken in node order (work-equivalent)"
+    if top_k > 0 or top_p < 1:
+        note += "; top-k / top-p by topk + sort / cumsum"
     return Impl(fn, note=note)
 
 
-def _flashinfer_chain_impl(dev, logits, draft_probs, tokens, b, t, vocab, ld) -> Impl:
+def _flashinfer_chain_impl(dev, logits, draft_probs, tokens, b, t, vocab, ld, top_k: int = 0,
+                           top_p: float = 1.0) -> Impl:
+    """softmax (+ FlashInfer's top-k / top-p renorm kernels) + chain_speculative_sampling, with
+    seed / offset tensors where the API takes them so that the call can be captured in a CUDA
+    graph (a host-side generator read cannot be). (Not yet run on a GPU.)"""
     if dev.type != "cuda":
         raise RuntimeError("FlashInfer runs on GPU only")
     import flashinfer
 
-    f = flashinfer.sampling.chain_speculative_sampling
+    fs = flashinfer.sampling
+    f = fs.chain_speculative_sampling
     dp = draft_probs.view(b, t, vocab)[:, :ld].contiguous()
     ids = tokens.view(b, t)[:, 1:].contiguous()
-    params = inspect.signature(f).parameters
-    if "uniform_samples" in params:  # older FlashInfer
+    kw = flashinfer_chain_kwargs(inspect.signature(f).parameters, dev)
+
+    def target_probs():
+        tp = torch.softmax(logits.float(), -1)
+        if 0 < top_k < vocab:
+            tp = fs.top_k_renorm_probs(tp, top_k)
+        if top_p < 1:
+            tp = fs.top_p_renorm_probs(tp, top_p)
+        return tp.view(b, t, vocab)
+
+    if "uniform_samples" in inspect.signature(f).parameters:  # older FlashInfer
         def fn():
-            tp = torch.softmax(logits.float(), -1).view(b, t, vocab)
             u = torch.rand(b, t, device=dev)
-            return f(dp, ids, u, tp)
+            return f(dp, ids, u, target_probs())
     else:
         def fn():
-            tp = torch.softmax(logits.float(), -1).view(b, t, vocab)
-            return f(dp, ids, tp)
-    fn()
-    return Impl(fn, graph=False, note="softmax + chain_speculative_sampling, eager")
+            return f(dp, ids, target_probs(), **kw)
+    fn()  # JIT-compile / load now, outside capture and timing
+    note = "softmax + chain_speculative_sampling"
+    if top_k > 0 or top_p < 1:
+        note += " after top_k_renorm_probs / top_p_renorm_probs"
+    return Impl(fn, note=note)
+
+
+def flashinfer_chain_kwargs(params, dev) -> dict:
+    """Keyword arguments that make ``chain_speculative_sampling`` CUDA-graph capturable: device
+    seed / offset tensors when the signature has them (else it reads the torch generator's
+    state on the host, which capture forbids)."""
+    kw = {}
+    if "seed" in params and "offset" in params:
+        kw["seed"] = torch.tensor([1234], dtype=torch.int64, device=dev)
+        kw["offset"] = torch.zeros(1, dtype=torch.int64, device=dev)
+    return kw
 
 
 def case_kv_rollback(p: dict, device, peers: set) -> Case:
@@ -681,11 +860,18 @@ def _graphed(fn: Callable[[], object], pre: Optional[Callable[[], object]] = Non
 
 
 class Runner:
-    def __init__(self, device, quick: bool, use_gpm: bool):
+    def __init__(self, device, quick: bool, use_gpm: bool, flush: bool = True):
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         self.quick = quick
-        self.flusher = common.L2Flusher(self.device) if self.gpu else None
+        if self.gpu:
+            self.flusher = common.L2Flusher(self.device)
+            self.cache_bytes = self.flusher.cache_bytes
+        else:
+            self.flusher = common.CacheFlusher() if flush else None
+            self.cache_bytes = self.flusher.cache_bytes if flush else common.last_level_cache_bytes()
+            if self.flusher is not None:
+                self.flusher()  # fault the buffer's pages in now, not in the first point's reps
         self.monitor_ok = False
         if self.gpu and use_gpm:
             from specrt.nvml import BandwidthMonitor
@@ -699,10 +885,20 @@ class Runner:
     def timing_kw(self) -> dict:
         if self.gpu:
             return {"flusher": self.flusher}
-        return {"target_s": 0.03 if self.quick else 0.15}
+        # A flush costs ~0.1 s per rep on CPU: fewer reps in --quick.
+        return {"target_s": 0.03 if self.quick else 0.15, "flusher": self.flusher,
+                "max_reps": 3 if self.quick else 20}
+
+    def cache_info(self) -> dict:
+        f = self.flusher
+        return {"level": "L2" if self.gpu else "LLC", "bytes": self.cache_bytes,
+                "flushed": f is not None, "flush_bytes": getattr(f, "bytes", None),
+                "method": ("a buffer of twice the cache size written before every rep, outside "
+                           "the timed region") if f is not None else
+                          "not flushed (--no-flush): rows with fits_in_cache true are warm-cache figures"}
 
     def measure(self, impl: Impl, nbytes: int) -> dict:
-        fn, graphed = impl.fn, False
+        fn, graphed, why_eager = impl.fn, False, None
         if self.gpu and impl.graph:
             try:
                 fn = _graphed(impl.fn, impl.pre)
@@ -710,9 +906,13 @@ class Runner:
             except Exception as e:  # noqa: BLE001  (some peers cannot be captured)
                 torch.cuda.synchronize()
                 fn = impl.fn
+                why_eager = f"graph capture failed: {type(e).__name__}: {e}"[:200]
                 impl.note = ((impl.note + "; ") if impl.note else "") + f"eager (graph capture failed: {type(e).__name__})"
+        elif self.gpu:
+            why_eager = "not capturable (the implementation says so)"
         t = common.time_fn(fn, self.device, pre=impl.pre, **self.timing_kw())
-        row = {**t.as_dict(), "cuda_graph": graphed}
+        row = {**t.as_dict(), "cuda_graph": graphed, "mode": "graph" if graphed else "eager",
+               "eager_reason": why_eager}
         if self.monitor_ok:
             row.update(self._gpm(fn, impl.pre, nbytes, t.median))
         return row
@@ -739,6 +939,7 @@ def _metrics(row: dict, case: Case, ceil: dict) -> None:
     row["time_us"] = t * 1e6
     row["time_min_us"] = row["time_min_s"] * 1e6
     row["bytes"], row["flops"] = case.bytes, case.flops
+    row["fits_in_cache"] = common.fits_in_cache(case.bytes, ceil.get("cache_bytes"))
     row["intensity"] = case.flops / case.bytes if case.bytes and case.flops else None
     bw = case.bytes / t if case.bytes else None
     row["achieved_gbps"] = bw / 1e9 if bw else None
@@ -762,7 +963,7 @@ def _status_of(e: BaseException) -> tuple[str, str]:
 
 def run_kernel(kernel: str, runner: Runner, ceil: dict, peers: set, rows: list, echo) -> None:
     pts = sweep(kernel, runner.device.type, runner.quick)
-    checked = False
+    checked: set = set()
     for p in pts:
         label = label_of(kernel, p)
         base = {"kernel": kernel, "label": label, **{f"p_{k}": v for k, v in p.items()}}
@@ -775,22 +976,24 @@ def run_kernel(kernel: str, runner: Runner, ceil: dict, peers: set, rows: list, 
             if runner.gpu:
                 torch.cuda.empty_cache()
             continue
-        spec = {**base, "impl": "specrt", "status": "ok", "reason": None}
+        spec = {**base, "impl": "specrt", "status": "ok", "reason": None, **case.specrt.extra}
+        key = case.check_key or check_key(kernel, p)
         try:
             spec.update(runner.measure(case.specrt, case.bytes))
             _metrics(spec, case, ceil)
-            if case.check is not None and not checked and case.bytes:
-                # CPU: op vs specrt.reference on the first point that does work
+            if case.check is not None and key not in checked and case.bytes:
+                # CPU: op vs specrt.reference on the first point of each check key that does work
                 spec["check"] = case.check()
-                checked = True
+                checked.add(key)
         except Exception as e:  # noqa: BLE001
             spec["status"], spec["reason"] = _status_of(e)
             if spec["status"] == "error":
                 traceback.print_exc(limit=3)
+        spec["note"] = case.specrt.note
         rows.append(spec)
         echo(spec)
         for name, impl in case.peers.items():
-            row = {**base, "impl": name, "status": "ok", "reason": None}
+            row = {**base, "impl": name, "status": "ok", "reason": None, **impl.extra}
             if impl.error is not None or impl.fn is None:
                 row["status"], row["reason"] = "skipped", impl.error
             else:
@@ -822,12 +1025,25 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-HEADER = (f"{'kernel':<14} {'point':<38} {'impl':<18} {'time_us':>10} {'GB/s':>9} {'%peak':>6} "
-          f"{'%copy':>6} {'GFLOP/s':>9} {'AI':>7} {'GPM%':>5} {'x peer':>7}  status")
+HEADER = (f"{'kernel':<14} {'point':<38} {'impl':<18} {'mode':<5} {'cache':<12} {'time_us':>10} "
+          f"{'GB/s':>9} {'%peak':>6} {'%copy':>6} {'GFLOP/s':>9} {'AI':>7} {'GPM%':>5} {'x peer':>7}  status")
+
+
+def cache_state(r: dict) -> str:
+    """The ``cache`` column: ``flushed`` (the cache was evicted before every rep: the point's
+    data starts in DRAM / HBM) or ``warm`` (CPU ``--no-flush``: it may start in the cache), then
+    ``,fits`` when the point's working set fits in the last-level cache (CPU) / L2 (GPU). A
+    ``warm,fits`` row is a cache figure, not a DRAM one; a ``flushed,fits`` row read its inputs
+    from DRAM but its writes may still sit in the cache when the timing stops (written back
+    later), so a write-heavy point of that kind can beat the copy ceiling. ``-``: not measured."""
+    if r.get("time_s") is None:
+        return "-"
+    return ("flushed" if r.get("cache_flushed") else "warm") + (",fits" if r.get("fits_in_cache") else "")
 
 
 def format_row(r: dict) -> str:
-    return (f"{r['kernel']:<14} {r['label'][:38]:<38} {r['impl']:<18} {_fmt(r.get('time_us'), '10.2f')} "
+    return (f"{r['kernel']:<14} {r['label'][:38]:<38} {r['impl']:<18} {r.get('mode') or '-':<5} "
+            f"{cache_state(r):<12} {_fmt(r.get('time_us'), '10.2f')} "
             f"{_fmt(r.get('achieved_gbps'), '9.2f')} {_fmt(r.get('pct_of_peak'), '6.1f')} "
             f"{_fmt(r.get('pct_of_copy'), '6.1f')} {_fmt(r.get('gflops_per_s'), '9.2f')} "
             f"{_fmt(r.get('intensity'), '7.2f')} {_fmt(r.get('gpm_dram_util_pct'), '5.1f')} "
@@ -883,11 +1099,19 @@ def plot(path: Path, rows: list, ceil: dict, title: str) -> None:
     pts2 = [r for r in ok if r.get("achieved_gbps")]
     for r in pts2:
         spec = r["impl"] == "specrt"
-        ax2.scatter(r["bytes"], r["achieved_gbps"] * 1e9, c=colors.get(r["kernel"]),
-                    marker="o" if spec else "x", s=28 if spec else 22, alpha=0.85)
+        fits = bool(r.get("fits_in_cache"))  # hollow: the working set fits in the cache
+        col = colors.get(r["kernel"])
+        ax2.scatter(r["bytes"], r["achieved_gbps"] * 1e9, marker="o" if spec else "x",
+                    s=28 if spec else 22, alpha=0.85,
+                    **({"facecolors": "none", "edgecolors": col} if (fits and spec) else {"c": col}))
     ax2.axhline(bw_copy, color="k", label="measured copy ceiling")
     if peak:
         ax2.axhline(peak, color="k", ls="--", lw=0.8, label="nominal peak (NVML)")
+    cache = ceil.get("cache")
+    if cache and cache.get("bytes"):
+        how = "flushed before every rep" if cache.get("flushed") else "NOT flushed"
+        ax2.axvline(cache["bytes"], color="gray", ls=":", lw=0.8,
+                    label=f"{cache['level']} size {cache['bytes'] / 2**20:.0f} MiB ({how}; hollow: fits)")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("bytes that must move per call")
@@ -916,13 +1140,17 @@ def measure_ceilings(runner: Runner) -> dict:
 
         info = device_info(dev.index or 0)
     else:
-        cp = common.copy_ceiling(dev, (32 << 20) if runner.quick else (256 << 20), **kw)
+        # The copy's working set (source + destination) is kept above the last-level cache so
+        # the ceiling is a DRAM figure even without a flush.
+        llc = runner.cache_bytes or 0
+        cp = common.copy_ceiling(dev, max((32 << 20) if runner.quick else (256 << 20), llc), **kw)
         mm = common.matmul_ceiling(dev, 512 if runner.quick else 1536, torch.float32, **kw)
         info = None
     return {"copy_bytes_per_s": cp["bytes_per_s"], "copy": cp,
             "matmul_flops_per_s": mm["flops_per_s"], "matmul": mm,
             "nominal_peak_bytes_per_s": info.peak_bandwidth if info else None,
-            "nvml": info.as_dict() if info else None}
+            "nvml": info.as_dict() if info else None,
+            "cache_bytes": runner.cache_bytes, "cache": runner.cache_info()}
 
 
 def parse_args(argv=None):
@@ -935,6 +1163,12 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--peers", default="all", help="all, none, or a comma list of " + ",".join(PEERS))
     ap.add_argument("--no-gpm", action="store_true", help="skip the NVML GPM loop per point")
+    ap.add_argument("--no-flush", action="store_true",
+                    help="CPU: do not flush the last-level cache between reps (rows then say which "
+                         "points fit in it); the GPU always flushes its L2")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="write results even though tracked files have uncommitted changes "
+                         "(the results then say 'dirty')")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: torch's choice); 1 gives stable figures on a busy machine")
     ap.add_argument("--name", default=None, help="output file stem (default roofline_<device>[_<kernel>]_<date>)")
@@ -954,15 +1188,22 @@ def main(argv=None) -> int:
         print(f"roofline: unknown peers {sorted(unknown)}; known: {', '.join(PEERS)}", file=sys.stderr)
         return 2
     kernels = list(KERNELS) if args.kernel == "all" else [args.kernel]
+    try:
+        git = common.require_clean_tree(args.allow_dirty)
+    except common.DirtyTreeError as e:
+        print(f"roofline: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = common.environment(dev)
+    env = common.environment(dev, git)
     t_start = time.perf_counter()
-    runner = Runner(dev, args.quick, not args.no_gpm)
+    runner = Runner(dev, args.quick, not args.no_gpm, flush=not args.no_flush)
     ceil = measure_ceilings(runner)
-    print(f"# {env['device']} ({device}), torch {env['torch']}, CUDA {env['cuda']}, git {env['git']['commit']}")
+    cache = ceil["cache"]
+    print(f"# {env['device']} ({device}), torch {env['torch']}, CUDA {env['cuda']}, git {common.git_label(git)}")
+    print(f"# {cache['level']} {_fmt(cache['bytes'] and cache['bytes'] / 2**20, '.0f')} MiB: {cache['method']}")
     print(f"# copy ceiling {ceil['copy_bytes_per_s']/1e9:.1f} GB/s, matmul {ceil['matmul_flops_per_s']/1e9:.1f} GFLOP/s"
           + (f", nominal peak {ceil['nominal_peak_bytes_per_s']/1e9:.0f} GB/s" if ceil["nominal_peak_bytes_per_s"] else ""))
     print(HEADER)
@@ -972,7 +1213,8 @@ def main(argv=None) -> int:
         run_kernel(k, runner, ceil, peers, rows, echo)
     date = _dt.datetime.now().strftime("%Y-%m-%d")
     stem = args.name or f"roofline_{device}{'' if args.kernel == 'all' else '_' + args.kernel}_{date}"
-    doc = {"meta": {**env, "kernels": kernels, "quick": args.quick, "peers": sorted(peers),
+    doc = {"meta": {**env, "git_label": common.git_label(git), "cache": ceil["cache"],
+                    "kernels": kernels, "quick": args.quick, "peers": sorted(peers),
                     "gpm": {"used": runner.monitor_ok, "reason": runner.monitor_reason},
                     "wall_s": time.perf_counter() - t_start,
                     "method": __doc__.split("Method\n------\n")[1].split("\n\nBytes")[0]},
@@ -980,7 +1222,7 @@ def main(argv=None) -> int:
     (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
     write_csv(out_dir / f"{stem}.csv", rows)
     plot(out_dir / f"{stem}.png", rows, ceil, f"{env['device']} | {env['date']} | torch {env['torch']} | "
-         f"git {str(env['git']['commit'])[:10]} | {env['command']}")
+         f"git {common.git_label(git)} | {env['command']}")
     n_bad = sum(r["status"] == "error" for r in rows)
     fails = [r["label"] for r in rows if r.get("check") and not r["check"]["pass"]]
     print(f"# wrote {out_dir / stem}.{{json,csv,png}}; {len(rows)} rows, {n_bad} errors"
