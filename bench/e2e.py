@@ -16,7 +16,17 @@ precedes each timed run.
 
 Peers: Hugging Face transformers ``generate`` on the same GGUF file (plain, with
 ``prompt_lookup_num_tokens`` and with ``assistant_model``), greedy, same prompts, with the count
-of prompts whose output agrees with specrt's plain greedy output.
+of prompts whose output agrees with specrt's plain greedy output. The peers run on ``--device``
+(models and inputs moved there, in the run's dtype) and in their best mode there, labelled per
+row (``mode``): on CUDA plain generation uses ``cache_implementation="static"`` with
+``torch.compile`` in ``reduce-overhead`` mode (CUDA graphs), warmed up untimed on the longest
+prompt at full length so the static cache is sized and compiled once; prompt lookup and assisted
+generation run eagerly with transformers' default dynamic cache (transformers does not compile
+those loops). On CPU every peer runs eagerly with the dynamic cache. (The CUDA mode is written
+for transformers 5.x and has not yet been run on a GPU.)
+
+Provenance: results are refused from a tree with uncommitted changes to tracked files unless
+``--allow-dirty`` is given (the results then say "dirty" beside the commit).
 
 Synthetic: a random-weight model of Llama-3-8B geometry (timing does not depend on weights;
 acceptance does, so acceptance is only measured on real models) times a verify step of 1, 4,
@@ -40,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import environment  # noqa: E402
+from common import DirtyTreeError, environment, git_label, require_clean_tree  # noqa: E402
 
 from specrt.engine import Engine, SamplingParams  # noqa: E402
 from specrt.hub import resolve_model  # noqa: E402
@@ -110,36 +120,82 @@ def make_proposer(name, model, args, draft=None):
     raise ValueError(name)
 
 
-def hf_peers(path, tok, prompts, chat, max_new, native_greedy, pair_draft=None, dtype=torch.float32):
-    """transformers generate (greedy): plain, prompt lookup, assisted. Returns rows."""
+def _compile_config():
+    """transformers' CompileConfig for CUDA graphs (``mode="reduce-overhead"``), or None where
+    this transformers has none (static caches are then compiled with its defaults)."""
+    try:
+        from transformers import CompileConfig
+    except ImportError:
+        try:
+            from transformers.generation import CompileConfig
+        except ImportError:
+            return None
+    return CompileConfig(fullgraph=False, mode="reduce-overhead")
+
+
+def hf_modes(device_type: str, has_assistant: bool) -> list:
+    """``(system, generate kwargs, mode label)`` of each transformers peer in its best mode on
+    ``device_type``. ``assistant_model`` is filled in by the caller."""
+    eager = "dynamic cache, eager"
+    if device_type == "cuda":
+        kw = {"cache_implementation": "static"}
+        cc = _compile_config()
+        if cc is not None:
+            kw["compile_config"] = cc
+        plain = ("hf-plain", kw, "static cache + torch.compile reduce-overhead (CUDA graphs)")
+        spec_label = eager + " (transformers does not compile candidate-assisted decoding)"
+    else:
+        plain = ("hf-plain", {}, eager + " (CPU)")
+        spec_label = eager + " (CPU)"
+    modes = [plain, ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 4}, spec_label)]
+    if has_assistant:
+        modes.append(("hf-assisted", {"assistant_model": None}, spec_label))
+    return modes
+
+
+def hf_peers(path, tok, prompts, chat, max_new, native_greedy, pair_draft=None, dtype=torch.float32,
+             device="cpu"):
+    """transformers generate (greedy) on ``device``: plain, prompt lookup, assisted, each in its
+    best mode there (:func:`hf_modes`). Returns rows."""
     from transformers import AutoModelForCausalLM
 
+    dev = torch.device(device)
     p = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype).eval().to(dev)
     assistant = None
     if pair_draft is not None:
         d = Path(pair_draft)
-        assistant = AutoModelForCausalLM.from_pretrained(str(d.parent), gguf_file=d.name, dtype=dtype).eval()
-    dev = next(model.parameters()).device
-    rows = []
-    modes = [("hf-plain", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 4})]
-    if assistant is not None:
-        modes.append(("hf-assisted", {"assistant_model": assistant}))
+        assistant = AutoModelForCausalLM.from_pretrained(str(d.parent), gguf_file=d.name,
+                                                         dtype=dtype).eval().to(dev)
     eos = tok.eos_token_ids
-    for name, kw in modes:
-        agree, gen = 0, 0
-        ids0 = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompts[0]}]) if chat else prompts[0])
-        model.generate(torch.tensor([ids0], device=dev), max_new_tokens=4, do_sample=False, **kw)
+    texts = [tok.apply_chat_template([{"role": "user", "content": pr}]) if chat else pr for pr in prompts]
+    ids_all = [tok.encode(text) for text in texts]
+    longest = max(range(len(ids_all)), key=lambda i: len(ids_all[i]))
+    rows = []
+    for name, kw, mode in hf_modes(dev.type, assistant is not None):
+        if "assistant_model" in kw:
+            kw = {**kw, "assistant_model": assistant}
+        gen_kw = dict(do_sample=False, eos_token_id=eos, pad_token_id=eos[0] if eos else None, **kw)
+        # Untimed warm-up. A static cache is sized (and its step compiled) by its first call:
+        # make that the longest prompt at full length so no timed call resizes or recompiles.
+        static = kw.get("cache_implementation") == "static"
         t0 = time.perf_counter()
-        for i, pr in enumerate(prompts):
-            text = tok.apply_chat_template([{"role": "user", "content": pr}]) if chat else pr
-            ids = tok.encode(text)
-            out = model.generate(torch.tensor([ids], device=dev), max_new_tokens=max_new, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=eos[0] if eos else None, **kw)[0, len(ids):].tolist()
+        warm_ids = ids_all[longest] if static else ids_all[0]
+        for _ in range(2 if static else 1):  # the second call replays the captured graphs
+            model.generate(torch.tensor([warm_ids], device=dev), max_new_tokens=max_new if static else 4,
+                           **gen_kw)
+        warmup_s = time.perf_counter() - t0
+        agree, gen = 0, 0
+        t0 = time.perf_counter()
+        for i, ids in enumerate(ids_all):
+            out = model.generate(torch.tensor([ids], device=dev), max_new_tokens=max_new,
+                                 **gen_kw)[0, len(ids):].tolist()
             gen += len(out)
             agree += out == native_greedy[i]
         wall = time.perf_counter() - t0
-        rows.append({"system": name, "generated": gen, "wall_s": wall, "tokens_per_s": gen / wall,
+        rows.append({"system": name, "mode": mode, "device": str(dev),
+                     "dtype": str(dtype).replace("torch.", ""), "warmup_s": warmup_s,
+                     "generated": gen, "wall_s": wall, "tokens_per_s": gen / wall,
                      "greedy_agrees_with_specrt": f"{agree}/{len(prompts)}"})
     return rows
 
@@ -216,11 +272,19 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="model dtype (auto: fp32 on CPU, bf16 on GPU); peers use the same")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="write results even though tracked files have uncommitted changes "
+                         "(the results then say 'dirty')")
     args = ap.parse_args(argv)
+    try:
+        git = require_clean_tree(args.allow_dirty)
+    except DirtyTreeError as e:
+        print(f"e2e: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    result = {"env": environment(device), "args": vars(args), "runs": [], "peers": []}
+    result = {"env": environment(device, git), "args": vars(args), "runs": [], "peers": []}
 
     target_name = "qwen2.5-coder-1.5b" if args.pair else args.model
     path = resolve_model(target_name)
@@ -260,7 +324,7 @@ def main(argv=None):
                       + (f"  greedy==plain {row.get('greedy_prompts_identical')}" if temp == 0 else ""), flush=True)
             if args.hf and temp == 0:
                 for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path,
-                                  dtype=model.dtype):
+                                  dtype=model.dtype, device=device):
                     r.update({"prompt_set": set_name, "temperature": 0.0})
                     # compare with the specrt run of the same method (plain / n-gram / draft)
                     same = {"hf-plain": "none", "hf-prompt-lookup": "ngram", "hf-assisted": "draft"}[r["system"]]
@@ -270,7 +334,7 @@ def main(argv=None):
                     r["specrt_over_peer"] = mine[0]["tokens_per_s"] / r["tokens_per_s"] if mine else None
                     result["peers"].append(r)
                     print(f"{set_name:9s} T=0    {r['system']:18s} {r['tokens_per_s']:7.1f} tok/s  "
-                          f"agree {r['greedy_agrees_with_specrt']}", flush=True)
+                          f"agree {r['greedy_agrees_with_specrt']}  [{r['mode']}, {r['device']}]", flush=True)
     if args.synthetic:
         result["synthetic"] = synthetic(args, device)
         for r in result["synthetic"]["rows"]:
@@ -281,7 +345,7 @@ def main(argv=None):
     stem = out / f"e2e_{device.type}_{model.dtype}_{result['env'].get('date', time.strftime('%Y-%m-%d'))[:10]}".replace("torch.", "")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     lines = [f"# e2e ({result['env'].get('device', device.type)}), {result['env'].get('date', '')}",
-             f"command: `{result['env'].get('command', ' '.join(sys.argv))}`", "",
+             f"command: `{result['env'].get('command', ' '.join(sys.argv))}`, git {git_label(git)}", "",
              "| prompts | T | system | tok/s | speed-up | mean acc. len | acceptance | greedy == plain |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
@@ -289,7 +353,7 @@ def main(argv=None):
                      f"{r.get('speedup_vs_plain', 1):.2f} | {r['mean_accepted_length']:.2f} | "
                      f"{r['acceptance_rate']:.1%} | {r.get('greedy_prompts_identical', '')} |")
     for r in result["peers"]:
-        lines.append(f"| {r['prompt_set']} | 0 | {r['system']} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['prompt_set']} | 0 | {r['system']} ({r['mode']}, {r['device']}) | {r['tokens_per_s']:.1f} | "
                      f"specrt {r['specrt_counterpart']} is x{r['specrt_over_peer'] or 0:.2f} | | | agrees {r['greedy_agrees_with_specrt']} |")
     if "synthetic" in result:
         s = result["synthetic"]
@@ -298,7 +362,8 @@ def main(argv=None):
         lines += [f"| {r['tokens']} | {r['step_ms']:.2f} | {r['relative_to_decode']:.2f} |" for r in s["rows"]]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and {stem}.md")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
