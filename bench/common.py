@@ -23,6 +23,7 @@ say "dirty" beside the commit.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import os
 import platform
 import shlex
@@ -245,13 +246,25 @@ class DirtyTreeError(RuntimeError):
     """Results were about to be written from a tree that does not match a commit."""
 
 
-def git_state(repo: Path = REPO) -> dict:
-    """Commit of ``repo`` and whether its tracked files differ from it.
+def package_dir(name: str) -> Optional[Path]:
+    """Folder the package ``name`` is imported from (without importing it), or None."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).resolve().parent
+
+
+def git_state(repo: Path = REPO, package: Optional[str] = "specrt") -> dict:
+    """Commit of ``repo`` and whether the code results come from matches it.
 
     ``dirty`` is True when a tracked file has staged or unstaged changes (``git describe
-    --dirty``'s rule; the changed paths are listed in ``dirty_files``), and None when no commit
-    can be read (not a git checkout, git missing). Untracked files do not make a tree dirty;
-    their count is kept (``untracked``).
+    --dirty``'s rule; the changed paths are listed in ``dirty_files``), or when ``package`` is
+    imported from outside ``repo`` (another checkout or an installed copy: then the commit does
+    not describe the code that ran); None when no commit can be read (not a git checkout, git
+    missing). Untracked files do not make a tree dirty; their count is kept (``untracked``).
     """
     def run(*args) -> Optional[str]:
         try:
@@ -260,14 +273,18 @@ def git_state(repo: Path = REPO) -> dict:
             return None
         return p.stdout if p.returncode == 0 else None
 
+    pkg = package_dir(package) if package else None
+    outside = pkg is not None and not pkg.is_relative_to(Path(repo).resolve())
     commit = (run("rev-parse", "HEAD") or "").strip() or None
     if commit is None:
-        return {"commit": None, "dirty": None, "dirty_files": [], "untracked": None}
+        return {"commit": None, "dirty": None, "dirty_files": [], "untracked": None,
+                "package_dir": str(pkg) if pkg else None, "package_outside_repo": outside}
     status = run("status", "--porcelain=v1", "--untracked-files=all") or ""
     lines = [ln for ln in status.splitlines() if ln.strip()]
     changed = [ln[3:] for ln in lines if not ln.startswith("??")]
-    return {"commit": commit, "dirty": bool(changed), "dirty_files": changed[:50],
-            "untracked": sum(ln.startswith("??") for ln in lines)}
+    return {"commit": commit, "dirty": bool(changed) or outside, "dirty_files": changed[:50],
+            "untracked": sum(ln.startswith("??") for ln in lines),
+            "package_dir": str(pkg) if pkg else None, "package_outside_repo": outside}
 
 
 def git_label(state: dict) -> str:
@@ -278,16 +295,22 @@ def git_label(state: dict) -> str:
     return state["commit"][:10] + ("-dirty" if state.get("dirty") else "")
 
 
-def require_clean_tree(allow_dirty: bool = False, repo: Path = REPO) -> dict:
+def require_clean_tree(allow_dirty: bool = False, repo: Path = REPO,
+                       package: Optional[str] = "specrt") -> dict:
     """The :func:`git_state` results will be written under; raises :class:`DirtyTreeError` when
-    the tree is dirty, or its commit cannot be read, unless ``allow_dirty`` (then the state is
-    returned as is and the results say "dirty"). Call it before measuring anything."""
-    state = git_state(repo)
+    the tree is dirty (or ``package`` comes from elsewhere), or its commit cannot be read,
+    unless ``allow_dirty`` (then the state is returned as is and the results say "dirty").
+    Call it before measuring anything."""
+    state = git_state(repo, package)
     if allow_dirty:
         return state
     if state["commit"] is None:
         raise DirtyTreeError(f"{repo}: no git commit could be read, so results could not be traced "
                              "to the code that produced them; pass --allow-dirty to write them anyway")
+    if state["package_outside_repo"]:
+        raise DirtyTreeError(f"{package} is imported from {state['package_dir']}, not from {repo}: its "
+                             "commit would not describe the code that ran; pass --allow-dirty to "
+                             "write results anyway")
     if state["dirty"]:
         files = ", ".join(state["dirty_files"][:8]) + (" ..." if len(state["dirty_files"]) > 8 else "")
         raise DirtyTreeError(f"{repo}: uncommitted changes to tracked files ({files}); commit them "

@@ -126,8 +126,9 @@ def test_cuda_mode_arguments_decode_the_same_tokens_on_cpu():
 
 
 def test_e2e_refuses_a_dirty_tree(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(common, "git_state", lambda repo=None: {
-        "commit": "a" * 40, "dirty": True, "dirty_files": ["bench/e2e.py"], "untracked": 0})
+    monkeypatch.setattr(common, "git_state", lambda repo=None, package=None: {
+        "commit": "a" * 40, "dirty": True, "dirty_files": ["bench/e2e.py"], "untracked": 0,
+        "package_dir": None, "package_outside_repo": False})
     out = tmp_path / "out"
     assert e2e.main(["--device", "cpu", "--out", str(out)]) == 2  # before any model is loaded
     assert "--allow-dirty" in capsys.readouterr().err and not out.exists()

@@ -239,35 +239,47 @@ def repo(tmp_path):
 
 
 def test_git_state_clean_dirty_untracked(repo):
-    st = common.git_state(repo)
+    st = common.git_state(repo, package=None)
     assert len(st["commit"]) == 40 and st["dirty"] is False and st["dirty_files"] == []
-    assert common.require_clean_tree(False, repo) == st
+    assert common.require_clean_tree(False, repo, package=None) == st
     assert common.git_label(st) == st["commit"][:10]
     (repo / "new.txt").write_text("x")  # untracked: not dirty, but counted
-    st = common.git_state(repo)
+    st = common.git_state(repo, package=None)
     assert st["dirty"] is False and st["untracked"] == 1
     (repo / "a.txt").write_text("2\n")  # a tracked change: dirty
-    st = common.git_state(repo)
+    st = common.git_state(repo, package=None)
     assert st["dirty"] is True and st["dirty_files"] == ["a.txt"]
     with pytest.raises(common.DirtyTreeError, match="--allow-dirty"):
-        common.require_clean_tree(False, repo)
-    allowed = common.require_clean_tree(True, repo)
+        common.require_clean_tree(False, repo, package=None)
+    allowed = common.require_clean_tree(True, repo, package=None)
     assert allowed["dirty"] is True and common.git_label(allowed).endswith("-dirty")
     _git(repo, "add", "a.txt")  # staged counts too
-    assert common.git_state(repo)["dirty"] is True
+    assert common.git_state(repo, package=None)["dirty"] is True
+
+
+def test_code_imported_from_elsewhere_is_dirty(repo):
+    """A clean checkout whose benchmark imports specrt from another folder does not describe
+    the code that ran."""
+    st = common.git_state(repo)  # specrt comes from this test's checkout, not from `repo`
+    assert st["package_outside_repo"] is True and st["dirty"] is True
+    with pytest.raises(common.DirtyTreeError, match="imported from"):
+        common.require_clean_tree(False, repo)
+    here = common.git_state(common.REPO)
+    assert here["package_outside_repo"] is False and Path(here["package_dir"]).name == "specrt"
 
 
 def test_no_git_commit_is_refused(tmp_path):
-    st = common.git_state(tmp_path)
+    st = common.git_state(tmp_path, package=None)
     assert st["commit"] is None and st["dirty"] is None and common.git_label(st) == "unknown"
     with pytest.raises(common.DirtyTreeError, match="no git commit"):
-        common.require_clean_tree(False, tmp_path)
-    assert common.require_clean_tree(True, tmp_path)["commit"] is None
+        common.require_clean_tree(False, tmp_path, package=None)
+    assert common.require_clean_tree(True, tmp_path, package=None)["commit"] is None
 
 
 def test_roofline_refuses_a_dirty_tree(monkeypatch, tmp_path, capsys):
-    dirty = {"commit": "f" * 40, "dirty": True, "dirty_files": ["specrt/ops.py"], "untracked": 0}
-    monkeypatch.setattr(common, "git_state", lambda repo=None: dict(dirty))
+    dirty = {"commit": "f" * 40, "dirty": True, "dirty_files": ["specrt/ops.py"], "untracked": 0,
+             "package_dir": None, "package_outside_repo": False}
+    monkeypatch.setattr(common, "git_state", lambda repo=None, package=None: dict(dirty))
     out = tmp_path / "out"
     assert roofline.main(["--device", "cpu", "--quick", "--out", str(out)]) == 2
     assert "uncommitted changes" in capsys.readouterr().err and not out.exists()
