@@ -190,7 +190,7 @@ struct Smem {
   double scan_local[kThreads];
   double scan_warp[kWarps + 1];
   int64_t result;        // local: overshoot fallback, then the owner's token
-  int64_t owner_result;  // block 0 only: written remotely by the owning block
+  int64_t owner_result;  // written remotely by the owning block, in every block
   int32_t owner;
   int32_t flag;
 };
@@ -350,7 +350,8 @@ __device__ inline float draw_weight(const DrawSpec& d, int64_t j, float z) {
 }
 
 // Draws with uniform u from the weights of `d` over the whole row. Returns, in every thread of
-// block 0, the token, or -1 in every block if all weights are zero (a cluster-uniform answer).
+// every block of the cluster, the token, or -1 if all weights are zero: callers branch on the
+// result (fallback draws hold cluster barriers), so it must be cluster-uniform.
 template <class Reader>
 __device__ int64_t cdf_draw(Ctx& ctx, const Reader& rd, const DrawSpec& d, float u) {
   Smem* sm = ctx.sm;
@@ -466,7 +467,12 @@ __device__ int64_t cdf_draw(Ctx& ctx, const Reader& rd, const DrawSpec& d, float
       __syncthreads();  // scan buffers are rewritten by the next tile
     }
     __syncthreads();
-    if (threadIdx.x == 0) *ctx.cluster.map_shared_rank(&sm->owner_result, 0) = sm->result;
+    // NOTE: every block gets the token, not only block 0 (the writer): a block that read its
+    // own never-written owner_result could see a stale negative value, take the fallback draw
+    // alone and wait forever at its cluster barrier (found by the SIMT emulation).
+    if (threadIdx.x == 0)
+      for (int r = 0; r < ctx.nblocks; ++r)
+        *ctx.cluster.map_shared_rank(&sm->owner_result, r) = sm->result;
   }
   ctx.cluster.sync();
   const bool any = sm->flag != 0;
