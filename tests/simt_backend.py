@@ -162,6 +162,14 @@ def configured(**kw):
         configure()
 
 
+def last_launch() -> dict:
+    """Grid, block, cluster shape and dynamic shared memory of the most recent launch."""
+    a, b, c = (C.c_uint * 3)(), (C.c_uint * 3)(), (C.c_uint * 3)()
+    smem = C.c_longlong()
+    lib().simt_last_launch(a, b, c, C.byref(smem))
+    return dict(grid=tuple(a), block=tuple(b), cluster=tuple(c), smem=smem.value)
+
+
 def _launch(fn: str, params) -> None:
     L = lib()
     L.simt_clear_error()

@@ -890,7 +890,21 @@ void run_cluster(LaunchState& L, u3 first_block, uint64_t seed) {
 
 }  // namespace
 
+namespace {
+std::mutex g_last_launch_mu;
+LaunchSpec g_last_launch{};
+}  // namespace
+
+LaunchSpec last_launch() {
+  std::lock_guard<std::mutex> g(g_last_launch_mu);
+  return g_last_launch;
+}
+
 int run_launch(const LaunchSpec& spec, KernelBody body, void* closure) {
+  {
+    std::lock_guard<std::mutex> g(g_last_launch_mu);
+    g_last_launch = spec;
+  }
   LaunchState L;
   L.spec = spec;
   L.body = body;

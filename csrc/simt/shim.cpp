@@ -21,6 +21,19 @@ void simt_configure(int schedule, unsigned long long seed, int num_sms, int work
 }
 
 const char* simt_last_error() { return simt::last_error(); }
+
+// The most recent launch: grid[3], block[3], cluster[3], dynamic shared memory bytes.
+void simt_last_launch(unsigned* grid, unsigned* block, unsigned* cluster, long long* smem) {
+  const simt::LaunchSpec s = simt::last_launch();
+  const simt::u3* src[3] = {&s.grid, &s.block, &s.cluster};
+  unsigned* dst[3] = {grid, block, cluster};
+  for (int i = 0; i < 3; ++i) {
+    dst[i][0] = src[i]->x;
+    dst[i][1] = src[i]->y;
+    dst[i][2] = src[i]->z;
+  }
+  *smem = static_cast<long long>(s.dynamic_smem);
+}
 void simt_clear_error() { simt::set_last_error(""); }
 
 int simt_tree_attention(const TreeAttentionCudaParams* p) {

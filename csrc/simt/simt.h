@@ -95,6 +95,8 @@ using KernelBody = void (*)(void* closure);
 // Runs a launch to completion. Returns 0 on success; on failure an error code (cudaError_t
 // value) and the message is kept for simt_last_error().
 int run_launch(const LaunchSpec& spec, KernelBody body, void* closure);
+// The configuration of the most recent launch (tests check which path a launcher chose).
+LaunchSpec last_launch();
 
 // Emulator configuration (process-wide; set from the C API before a launch).
 struct Config {

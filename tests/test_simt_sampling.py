@@ -1,0 +1,182 @@
+"""The fused rejection-sampling / sampling kernel (csrc/kernels/rejection_sampling.cuh) run by the
+SIMT emulation: the cases of test_sampling_gpu.py at emulation-sized shapes, bit-exact against
+the CPU op on dyadic inputs (as the GPU tests demand), against the reference on non-dyadic ones.
+
+Every cluster width of the launcher is reached (1, 2, 4 and 8 blocks per sequence, chosen from
+the batch, the vocabulary and the SM count the emulation reports), with greedy rows,
+deterministic-draft trees (recursive rejection over siblings), chains with draft
+probabilities, temperature / top-k / top-p, explicit uniforms and Philox, and a launch whose
+dynamic shared memory exceeds 48 KB. Cases run under two schedules and must agree bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import simt_backend as sb
+from specrt import reference as R
+from test_sampling_gpu import EPS, NEG_INF, dyadic_q, req, run_rs, run_sample, tree_batch
+
+pytestmark = pytest.mark.emulated
+
+
+def emu_rs(logits, tokens, parents, indptr, q, prm, u, max_t, *, num_sms=132,
+           schedule="in_order"):
+    b = indptr.numel() - 1
+    out = [torch.full((b, max_t), -7, dtype=torch.int32),
+           torch.full((b, max_t), -7, dtype=torch.int32), torch.full((b,), -7, dtype=torch.int32)]
+    with sb.configured(schedule=schedule, num_sms=num_sms, seed=3):
+        sb.rejection_sample(logits, tokens, parents, indptr, q, *prm, u, *out)
+    return out
+
+
+def emu_sample(logits, prm, u, *, num_sms=132, schedule="in_order"):
+    n, v = logits.shape
+    tok = torch.full((n,), -7, dtype=torch.int32)
+    probs = torch.full((n, v), -7.0)
+    with sb.configured(schedule=schedule, num_sms=num_sms, seed=3):
+        sb.sample(logits, *prm, u, tok, probs)
+    return tok, probs
+
+
+def cluster_of_last_launch():
+    return sb.last_launch()["cluster"][0]
+
+
+def both_schedules(fn, *args, **kw):
+    a = fn(*args, schedule="in_order", **kw)
+    cluster = cluster_of_last_launch()
+    b = fn(*args, schedule="reversed", **kw)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), "result depends on the schedule"
+    return a, cluster
+
+
+# (batch, vocab, num_sms) -> the launcher's cluster width
+CLUSTERS = [((1, 111, 132), 1), ((1, 10000, 132), 2), ((1, 20000, 132), 4),
+            ((1, 40000, 132), 8), ((3, 40000, 4), 2), ((7, 111, 132), 1)]
+
+
+@pytest.mark.parametrize("shape,cluster", CLUSTERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tree_bit_exact_vs_cpu(shape, cluster, dtype):
+    batch, vocab, num_sms = shape
+    gen = torch.Generator().manual_seed(batch * 7 + vocab)
+    sizes = [[1, 2, 7, 16][i % 4] for i in range(batch)] if batch > 1 else [7]
+    logits, tokens, parents, indptr = tree_batch(sizes, vocab, gen)
+    logits = logits.to(dtype)
+    prm = req(batch, gen)
+    for explicit_u in (True, False):
+        u = torch.rand(int(indptr[-1]), generator=gen) if explicit_u else None
+        max_t = max(sizes) + 3
+        cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, u, max_t)
+        emu, used = both_schedules(emu_rs, logits, tokens, parents, indptr, None, prm, u, max_t,
+                                   num_sms=num_sms)
+        assert used == cluster
+        for a, b in zip(cpu, emu):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,cluster", CLUSTERS)
+def test_chain_bit_exact_vs_cpu(shape, cluster):
+    batch, vocab, num_sms = shape
+    gen = torch.Generator().manual_seed(batch * 11 + vocab)
+    sizes = [[5, 1, 3, 8][i % 4] for i in range(batch)]
+    logits, tokens, parents, indptr = tree_batch(sizes, vocab, gen, chain=True)
+    q = dyadic_q(logits, gen)
+    prm = req(batch, gen)
+    for explicit_u in (True, False):
+        u = torch.rand(int(indptr[-1]), generator=gen) if explicit_u else None
+        cpu = run_rs("cpu", logits, tokens, parents, indptr, q, prm, u, max(sizes))
+        emu, used = both_schedules(emu_rs, logits, tokens, parents, indptr, q, prm, u,
+                                   max(sizes), num_sms=num_sms)
+        assert used == cluster
+        for a, b in zip(cpu, emu):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n,vocab,num_sms,cluster", [(1, 40000, 132, 8), (3, 10000, 132, 2),
+                                                     (17, 111, 132, 1), (40, 111, 132, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_bit_exact_vs_cpu(n, vocab, num_sms, cluster, dtype):
+    gen = torch.Generator().manual_seed(n + vocab)
+    logits, _, _, _ = tree_batch([1] * n, vocab, gen)
+    logits = logits.to(dtype)
+    prm = req(n, gen)
+    for u in (torch.rand(n, generator=gen), None):
+        ct, cp = run_sample("cpu", logits, prm, u)
+        (et, ep), used = both_schedules(emu_sample, logits, prm, u, num_sms=num_sms)
+        assert used == cluster
+        assert torch.equal(ct, et) and torch.equal(cp, ep)
+
+
+def test_uniform_extremes_and_residual_fallbacks_bit_exact():
+    gen = torch.Generator().manual_seed(5)
+    sizes = [7, 7, 16, 2, 5]
+    logits, tokens, parents, indptr = tree_batch(sizes, 111, gen)
+    prm = req(len(sizes), gen, greedy_every=100)
+    total = int(indptr[-1])
+    for fill in (0.0, 1.0 - 2.0**-24, 1.0):
+        u = torch.full((total,), fill)
+        cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, u, 16)
+        emu = emu_rs(logits, tokens, parents, indptr, None, prm, u, 16)
+        for a, b in zip(cpu, emu):
+            assert torch.equal(a, b)
+    logits, tokens, parents, indptr = tree_batch([4, 4], 64, gen, chain=True)
+    q = torch.softmax(logits, -1)  # equal to p exactly for dyadic logits: empty residual
+    for u in (torch.full((8,), 1.0), torch.rand(8, generator=gen)):
+        cpu = run_rs("cpu", logits, tokens, parents, indptr, q, [x[:2] for x in prm], u, 4)
+        emu = emu_rs(logits, tokens, parents, indptr, q, [x[:2] for x in prm], u, 4)
+        for a, b in zip(cpu, emu):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch,vocab,num_sms", [(1, 20000, 132), (3, 3000, 132), (7, 111, 132)])
+def test_vs_reference_non_dyadic(batch, vocab, num_sms):
+    gen = torch.Generator().manual_seed(batch + vocab)
+    sizes = [[7, 2, 16, 1][i % 4] for i in range(batch)]
+    logits, tokens, parents, indptr = tree_batch(sizes, vocab, gen, dyadic=False)
+    prm = req(batch, gen)
+    emu = emu_rs(logits, tokens, parents, indptr, None, prm, None, max(sizes), num_sms=num_sms)
+    rt, rp, rn, margin = R._rejection_sample_impl(logits, tokens, parents, indptr, None, *prm)
+    safe = margin > EPS
+    assert int(safe.sum()) >= math.floor(0.75 * batch)
+    assert torch.equal(emu[0][safe], rt[safe]) and torch.equal(emu[1][safe], rp[safe])
+    assert torch.equal(emu[2][safe], rn[safe])
+    st, sp, sm = R._sample_impl(logits[:batch], *prm, None)
+    et, ep = emu_sample(logits[:batch], prm, None, num_sms=num_sms)
+    ok = sm > EPS
+    assert torch.equal(et[ok], st[ok])
+    torch.testing.assert_close(ep[ok], sp[ok], rtol=2e-5, atol=1e-7)
+
+
+def test_invalid_rows():
+    gen = torch.Generator().manual_seed(6)
+    logits, tokens, parents, indptr = tree_batch([3, 3, 3, 3], 50, gen, dyadic=False)
+    logits[1, 4] = float("nan")
+    logits[3 + 2, 0] = float("inf")
+    logits[6] = NEG_INF
+    prm = req(4, gen)
+    emu = emu_rs(logits, tokens, parents, indptr, None, prm, None, 5)
+    cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, None, 5)
+    assert emu[2][:3].tolist() == [-1, -1, -1] and int(emu[2][3]) >= 0
+    for a, b in zip(cpu, emu):
+        assert torch.equal(a, b)
+    tok, probs = emu_sample(logits[:4], req(4, gen), None)
+    assert tok[1] == -1 and (probs[1] == 0).all()
+
+
+def test_big_tree_needs_more_than_48k_shared_memory():
+    """max_t = 1024 nodes: 60 B of dynamic shared memory per node (> 48 KB), the launcher must
+    raise the kernel's limit; a 1000-node tree in one sequence, bit-exact vs the CPU."""
+    gen = torch.Generator().manual_seed(8)
+    sizes = [1000, 3]
+    logits, tokens, parents, indptr = tree_batch(sizes, 64, gen)
+    prm = req(2, gen, greedy_every=2)
+    cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, None, 1024)
+    emu = emu_rs(logits, tokens, parents, indptr, None, prm, None, 1024)
+    assert sb.last_launch()["smem"] > 48 * 1024
+    for a, b in zip(cpu, emu):
+        assert torch.equal(a, b)
