@@ -7,6 +7,9 @@
 Plain autoregressive decoding is the same loop with :class:`NoProposer` (one-node trees): the
 baseline every speed-up is measured against. One host read per step: the verification result.
 
+A batch may mix greedy and sampled requests with any proposer: one step's trees are verified
+by one op call under the policy of docs/ops.md, "Mixed batches".
+
 Cache policy: a request's prompt is prefilled when pages for it and one full draft tree are
 free; each step reserves pages for its tree; when the pool runs short the most recently
 admitted request is preempted (its pages freed, recomputed later from its tokens). A request
@@ -110,6 +113,30 @@ class _Seq:
         return SeqView(self.sid, self.tokens, len(self.out.prompt_token_ids), committed,
                        float(p.temperature), int(p.top_k), float(p.top_p), self.seed, self.step,
                        max_draft)
+
+
+def _mixed_batch_policy(trees: list, greedy: list):
+    """Make one step's trees verifiable by one ``rejection_sample`` call (docs/ops.md, "Mixed
+    batches").
+
+    With draft probabilities in the batch, the op takes any tree of a greedy request (it ignores
+    its probabilities) and chains of sampled requests (a deterministic chain becomes one-hot
+    rows in :func:`~specrt.tree.batch_trees`); a sampled request's branching deterministic tree
+    cannot be verified there, so it is reduced to its first chain (the path of first children,
+    the continuation the proposer ranked first). Any deterministic draft verifies losslessly,
+    so this costs acceptance, never correctness. Returns the trees to verify and, per tree,
+    the map from verified node index to the proposer's node index (None where unchanged).
+    """
+    if not any(t.draft_probs is not None for t in trees):
+        return trees, None
+    maps = None
+    for i, (t, g) in enumerate(zip(trees, greedy)):
+        if g or t.is_chain:
+            continue
+        if maps is None:
+            trees, maps = list(trees), [None] * len(trees)
+        trees[i], maps[i] = t.first_chain()
+    return trees, maps
 
 
 class Engine:
@@ -375,7 +402,9 @@ class Engine:
         ph["propose"] += t1 - t
 
         committed = [v.committed_len for v in views]
-        tb = batch_trees(trees, committed, device=self.device)
+        greedy = [not (s.params.temperature > 0) for s in seqs]
+        trees, node_maps = _mixed_batch_policy(trees, greedy)
+        tb = batch_trees(trees, committed, device=self.device, greedy=greedy)
         ids = [s.sid for s in seqs]
         meta: AttentionMetadata = build_metadata(self.cache, ids, tb, self.device)
         out = self.model(tb.tokens.long(), tb.positions, self.cache.kv, meta,
@@ -423,6 +452,8 @@ class Engine:
             s.step += 1
             s.out.metrics.record_step(trees[i].max_depth, na)
             rows.append([indptr[i] + j for j in path])
+            if node_maps is not None and node_maps[i] is not None:
+                path = [node_maps[i][j] for j in path]  # back to the proposer's numbering
             results.append(StepResult(path, emitted, na))
             if self._emit(s, emitted):
                 finished.append(s)

@@ -384,6 +384,18 @@ class DraftTree:
         path.reverse()
         return path
 
+    def first_chain(self) -> tuple["DraftTree", list[int]]:
+        """The chain that follows the first child (the first one verification tries) from the
+        root down, and its nodes' indices in this tree. A chain returns itself."""
+        if self._topo.is_chain:
+            return self, list(range(self._topo.num_nodes))
+        kids = self._topo.children()
+        nodes = [0]
+        while kids[nodes[-1]]:
+            nodes.append(kids[nodes[-1]][0])
+        tok = self._tokens_np
+        return DraftTree.chain(int(tok[0]), [int(tok[n]) for n in nodes[1:]]), nodes
+
     def packed_mask(self) -> torch.Tensor:
         """int32 [T, ceil(T/32)]: row ``i`` has the bits of ``i``'s ancestors and ``i``."""
         return self._topo.mask_tensor()
@@ -473,7 +485,10 @@ class TreeBatch:
     mask : int32 [N, W] or None
         Packed visibility (``W = ceil(max_t / 32)``); None when every tree is a chain (causal).
     draft_probs : float32 [N, V] or None
-        Chains only; rows of trees without probabilities (and omitted leaf rows) are zero.
+        Set when some tree carries probabilities. A chain without probabilities gets one-hot
+        rows at its draft tokens (a deterministic draft as ``q``: the op's draft-probability
+        rule then verifies it exactly like a deterministic chain); leaf rows, omitted rows and
+        the rows of greedy branching trees (ignored by the op) are zero.
     max_t : int
         The node bucket: ``>= max_b T_b``; sizes the mask width and the verify outputs.
     num_nodes : list[int]
@@ -508,7 +523,8 @@ class TreeBatch:
 
 def batch_trees(trees: Sequence[DraftTree], committed_lens: IntSeq,
                 device: Optional[Union[str, torch.device]] = None,
-                max_t: Optional[int] = None, always_mask: bool = False) -> TreeBatch:
+                max_t: Optional[int] = None, always_mask: bool = False,
+                greedy: Optional[Sequence[bool]] = None) -> TreeBatch:
     """Flatten ``B`` draft trees into the ragged layout of docs/ops.md.
 
     Parameters
@@ -524,6 +540,11 @@ def batch_trees(trees: Sequence[DraftTree], committed_lens: IntSeq,
         ``>= max T_b``. Default ``max T_b``.
     always_mask : bool
         Build the packed mask even when every tree is a chain (fixed buffers for graphs).
+    greedy : bool [B], optional
+        Which requests verify greedily. When some tree carries ``draft_probs``, a branching
+        tree is only allowed for a greedy request (the op ignores a greedy request's
+        probabilities and verifies its tree by argmax; a sampled request with probabilities
+        must be a chain, docs/ops.md): without ``greedy`` every tree must then be a chain.
 
     Returns
     -------
@@ -562,7 +583,9 @@ def batch_trees(trees: Sequence[DraftTree], committed_lens: IntSeq,
         width = mask_words(max_t)
         mask = torch.from_numpy(np.concatenate([tp.mask(width) for tp in topos])).to(dev)
 
-    probs = _batch_probs(trees, counts, all_chains, device)
+    if greedy is not None and len(greedy) != b:
+        raise ValueError(f"{b} trees but {len(greedy)} greedy flags")
+    probs = _batch_probs(trees, counts, greedy, device)
 
     def _t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(a).to(device=dev, dtype=dtype)
@@ -581,13 +604,17 @@ def batch_trees(trees: Sequence[DraftTree], committed_lens: IntSeq,
     )
 
 
-def _batch_probs(trees, counts, all_chains, device) -> Optional[torch.Tensor]:
+def _batch_probs(trees, counts, greedy, device) -> Optional[torch.Tensor]:
     have = [tr.draft_probs for tr in trees if tr.draft_probs is not None]
     if not have:
         return None
-    if not all_chains:
-        raise ValueError("draft_probs are given but the batch holds branching trees: "
-                         "probabilities are only supported when every tree is a chain")
+    for b, tr in enumerate(trees):
+        if not tr.is_chain and not (greedy is not None and greedy[b]):
+            who = "a sampled request" if greedy is not None else "a request not marked greedy"
+            raise ValueError(
+                f"draft_probs are given but tree {b} ({who}) branches: in a batch with draft "
+                "probabilities only greedy requests may hold branching trees (pass greedy=; "
+                "the engine reduces such a tree to its first chain, docs/ops.md)")
     vocab = have[0].shape[1]
     for p in have:
         if p.shape[1] != vocab:
@@ -596,16 +623,33 @@ def _batch_probs(trees, counts, all_chains, device) -> Optional[torch.Tensor]:
     dev = have[0].device if device is None else torch.device(device)
     if device is None and any(p.device != dev for p in have):
         raise ValueError("draft_probs of the batch live on different devices; pass device=")
-    # One concatenation (one kernel on GPU): missing rows are views of a single zero block.
+    # One concatenation (one kernel on GPU): missing rows are views of a single zero block,
+    # deterministic chains one-hot rows scattered into one block.
     missing = max(t - (0 if tr.draft_probs is None else tr.draft_probs.shape[0])
                   for tr, t in zip(trees, counts))
     zeros = torch.zeros(missing, vocab, dtype=torch.float32, device=dev) if missing else None
+    det = [tr for tr in trees if tr.draft_probs is None and tr.is_chain and tr.num_nodes > 1]
+    onehot = None
+    if det:
+        toks = np.concatenate([tr._tokens_np[1:] for tr in det])
+        if int(toks.max()) >= vocab:
+            raise ValueError(f"a draft token ({int(toks.max())}) is outside the draft "
+                             f"probabilities' vocabulary ({vocab})")
+        onehot = torch.zeros(len(toks), vocab, dtype=torch.float32)
+        onehot[torch.arange(len(toks)), torch.from_numpy(toks)] = 1.0
+        onehot = onehot.to(dev)
     pieces = []
+    used = 0
     for tr, t in zip(trees, counts):
         rows = 0
         if tr.draft_probs is not None:
             pieces.append(tr.draft_probs.to(dev))
             rows = tr.draft_probs.shape[0]
+        elif onehot is not None and tr.is_chain and t > 1:
+            # row j is the one-hot distribution node j's child (token j + 1) was "drawn" from
+            pieces.append(onehot[used:used + t - 1])
+            used += t - 1
+            rows = t - 1
         if rows < t:
             pieces.append(zeros[:t - rows])
     return torch.cat(pieces)

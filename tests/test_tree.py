@@ -344,6 +344,49 @@ def test_batch_trees_draft_probs():
                     [0, 0])
 
 
+def test_batch_trees_mixed_draft_probs():
+    """Probabilities next to deterministic drafts: chains become one-hot rows, greedy requests
+    may branch (zero rows, the op ignores them), a sampled branching tree is refused."""
+    v = 9
+    p0 = torch.rand(2, v)
+    trees = [DraftTree.chain(1, [2, 3], draft_probs=p0),  # sampled chain with probabilities
+             DraftTree([4, 5, 6, 7], [-1, 0, 0, 1]),       # greedy tree
+             DraftTree.chain(8, [3, 0, 8]),                # deterministic chain
+             DraftTree.single(2)]
+    tb = batch_trees(trees, [0, 3, 5, 7], greedy=[False, True, False, False])
+    q = tb.draft_probs
+    assert q.shape == (3 + 4 + 4 + 1, v)
+    assert torch.equal(q[0:2], p0) and (q[2] == 0).all()
+    assert (q[3:7] == 0).all()
+    onehot = torch.zeros(3, v)
+    onehot[[0, 1, 2], [3, 0, 8]] = 1
+    assert torch.equal(q[7:10], onehot) and (q[10:] == 0).all()
+    assert tb.mask is not None  # the greedy tree branches
+    with pytest.raises(ValueError, match="tree 1 .*branches"):
+        batch_trees(trees, [0, 3, 5, 7], greedy=[False, False, False, False])
+    with pytest.raises(ValueError, match="branches"):
+        batch_trees(trees, [0, 3, 5, 7])  # not told which requests are greedy
+    with pytest.raises(ValueError, match="greedy flags"):
+        batch_trees(trees, [0, 3, 5, 7], greedy=[True])
+    with pytest.raises(ValueError, match="vocabulary"):
+        batch_trees([trees[0], DraftTree.chain(1, [v])], [0, 0])
+    # without probabilities nothing changes
+    assert batch_trees(trees[1:], [0, 0, 0], greedy=[False] * 3).draft_probs is None
+
+
+def test_first_chain():
+    t = DraftTree.from_paths(9, [[1, 2, 3], [1, 4], [5, 6, 7, 8]])
+    chain, nodes = t.first_chain()
+    assert chain.is_chain and chain.tokens.tolist() == [9, 1, 2, 3]
+    assert nodes == [0, 1, 2, 3] and t.path_to(3) == nodes
+    t = DraftTree([9, 5, 1, 6, 2], [-1, 0, 0, 1, 2])
+    chain, nodes = t.first_chain()
+    assert chain.tokens.tolist() == [9, 5, 6] and nodes == [0, 1, 3]
+    c = DraftTree.chain(1, [2, 3])
+    assert c.first_chain() == (c, [0, 1, 2])
+    assert DraftTree.single(4).first_chain()[1] == [0]
+
+
 def test_shared_topology_is_not_corrupted_by_batching():
     a = DraftTree([1, 2, 3], [-1, 0, 0])
     b = DraftTree([4, 5, 6], [-1, 0, 0])

@@ -2,7 +2,9 @@
 sampled from its processed distribution (the target's temperature / top-k / top-p), whose
 probabilities go to verification; greedy requests draft the argmax chain, or with
 ``tree_width = w > 1`` a top-w tree (the draft's w best first tokens, each continued greedily),
-whose accepted path is compacted in the draft's cache with ``kv_rollback``.
+whose accepted path is compacted in the draft's cache with ``kv_rollback``. A batch may mix
+both: greedy trees and sampled chains with probabilities are verified together (the op ignores
+a greedy request's probabilities; docs/ops.md, "Mixed batches").
 
 :class:`AutoregressiveDrafter` holds the loop shared with the self-speculative layer-skip
 proposer (``layer_skip.py``): catch the draft cache up to the root, then ``k - 1`` batched
