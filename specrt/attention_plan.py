@@ -34,8 +34,9 @@ into preallocated tensors; the copy is asynchronous on the current stream).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 HEADER = 8
@@ -133,3 +134,65 @@ def plan_tree_attention(qo_indptr_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
     else:
         workspace = torch.empty(ws_numel, dtype=torch.float32, device=device)
     return plan, workspace
+
+
+class AttentionPlanner:
+    """Split-KV plans for one attention shape (a model's heads, head_dim and page size on one
+    device) into preallocated buffers: one plan tensor per batch size (its size depends on the
+    batch only) and one workspace sized up front for the largest bucket (``max_batch``
+    sequences of ``max_t`` new tokens), so a CUDA graph captured for a bucket stays valid when
+    later plans of that bucket are written into the same tensors.
+
+    Plan once per forward (``build_metadata(..., planner=)``); every layer reuses it.
+
+    Parameters
+    ----------
+    num_qo_heads, num_kv_heads, head_dim, page_size : int
+    device : the device of the attention calls (CUDA; any device works, for tests)
+    max_batch, max_t : the largest bucket the workspace is reserved for (a larger forward
+        grows it, which invalidates graphs captured before)
+    num_sms : int or None (None: read from the CUDA device)
+    """
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 device, *, max_batch: int = 1, max_t: int = 1, num_sms: Optional[int] = None):
+        if num_kv_heads <= 0 or num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads {num_qo_heads} must be a multiple of {num_kv_heads}")
+        self.device = torch.device(device)
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.num_qo_heads, self.num_kv_heads = num_qo_heads, num_kv_heads
+        self.head_dim, self.page_size, self.num_sms = head_dim, page_size, int(num_sms)
+        self.max_batch, self.max_t = max(1, max_batch), max(1, max_t)
+        self._plans: dict[int, torch.Tensor] = {}
+        self._workspace: Optional[torch.Tensor] = None
+        self.num_plans = 0  # plans written (one per planned forward)
+
+    def _ws_numel(self, rows: int) -> int:
+        return rows * self.num_qo_heads * (self.head_dim + 1)
+
+    def plan(self, qo_indptr: Union[Sequence[int], np.ndarray, torch.Tensor],
+             seq_lens: Union[Sequence[int], np.ndarray, torch.Tensor]):
+        """``(plan, workspace)`` for one forward; ``qo_indptr`` [B+1] and ``seq_lens`` [B] are
+        host values (no device read). The returned tensors are this planner's buffers."""
+        qo = torch.as_tensor(np.asarray(qo_indptr, dtype=np.int32))
+        lens = torch.as_tensor(np.asarray(seq_lens, dtype=np.int32))
+        batch = int(lens.numel())
+        ts = qo[1:] - qo[:-1]
+        total_q = int(qo[-1]) if batch else 0
+        max_t = max(int(ts.max()) if batch else 1, 1)
+        cap, rows = plan_sizes(batch, total_q, max_t, self.num_kv_heads, self.num_sms)
+        buf = self._plans.get(batch)
+        if buf is None:
+            buf = torch.zeros(HEADER + 4 * cap + batch + 1, dtype=torch.int32, device=self.device)
+            self._plans[batch] = buf
+        need = self._ws_numel(rows)
+        if self._workspace is None or self._workspace.numel() < need:
+            _, reserve = plan_sizes(self.max_batch, self.max_batch * self.max_t, self.max_t,
+                                    self.num_kv_heads, self.num_sms)
+            self._workspace = torch.empty(max(need, self._ws_numel(reserve)),
+                                          dtype=torch.float32, device=self.device)
+        self.num_plans += 1
+        return plan_tree_attention(qo, lens, self.num_qo_heads, self.num_kv_heads,
+                                   self.head_dim, self.page_size, self.num_sms, self.device,
+                                   plan_out=buf, workspace_out=self._workspace)

@@ -6,6 +6,8 @@
 
 Plain autoregressive decoding is the same loop with :class:`NoProposer` (one-node trees): the
 baseline every speed-up is measured against. One host read per step: the verification result.
+On CUDA every verify step gets a split-KV attention plan, built on the host from the page
+tables' lengths into preallocated buffers and shared by all layers (``self.planner``).
 
 A batch may mix greedy and sampled requests with any proposer: one step's trees are verified
 by one op call under the policy of docs/ops.md, "Mixed batches".
@@ -27,6 +29,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from . import ops
+from .attention_plan import AttentionPlanner
 from .batch import AttentionMetadata
 from .kv_cache import OutOfPagesError, PagedKVCache, build_metadata
 from .metrics import RequestMetrics, RunMetrics
@@ -115,6 +118,17 @@ class _Seq:
                        max_draft)
 
 
+def attention_planner(cfg, page_size: int, device: torch.device, max_batch: int,
+                      max_t: int) -> Optional[AttentionPlanner]:
+    """The split-KV planner of a model's verify steps on ``device``: CUDA only (the CPU op
+    ignores plans), else None. Its workspace is reserved for ``max_batch`` trees of ``max_t``
+    nodes."""
+    if device.type != "cuda":
+        return None
+    return AttentionPlanner(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, page_size, device,
+                            max_batch=max_batch, max_t=max_t)
+
+
 def _mixed_batch_policy(trees: list, greedy: list):
     """Make one step's trees verifiable by one ``rejection_sample`` call (docs/ops.md, "Mixed
     batches").
@@ -185,6 +199,8 @@ class Engine:
         self.cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size,
                                   num_pages, self.dtype, self.device)
         self.proposer.attach(model, self.cache)
+        self.planner = attention_planner(cfg, page_size, self.device, max_batch_size,
+                                         max_tree_nodes)
         self.metrics = RunMetrics()
         self._rng = random.Random()
         self._clock = 0
@@ -406,7 +422,8 @@ class Engine:
         trees, node_maps = _mixed_batch_policy(trees, greedy)
         tb = batch_trees(trees, committed, device=self.device, greedy=greedy)
         ids = [s.sid for s in seqs]
-        meta: AttentionMetadata = build_metadata(self.cache, ids, tb, self.device)
+        meta: AttentionMetadata = build_metadata(self.cache, ids, tb, self.device,
+                                                 planner=self.planner)
         out = self.model(tb.tokens.long(), tb.positions, self.cache.kv, meta,
                          hidden_layers=tuple(self.proposer.hidden_layers))
         self._sync()

@@ -16,6 +16,7 @@ from typing import Hashable, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from specrt.attention_plan import AttentionPlanner
 from specrt.batch import AttentionMetadata
 from specrt.tree import TreeBatch
 
@@ -310,7 +311,8 @@ def _bytes_per_page(num_layers, num_kv_heads, head_dim, page_size, dtype) -> int
 
 def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
                    new_tokens: Union[TreeBatch, Iterable[int]], device: Device = None, *,
-                   block_table_width: Optional[int] = None) -> AttentionMetadata:
+                   block_table_width: Optional[int] = None,
+                   planner: Optional[AttentionPlanner] = None) -> AttentionMetadata:
     """Reserve pages for one forward and describe where its new tokens go.
 
     For sequence ``b`` with committed length ``c_b`` and ``T_b`` new tokens: pages are
@@ -330,11 +332,16 @@ def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
         Where the tensors go (default: the cache's device).
     block_table_width : int, optional
         Fixed block-table width (CUDA-graph buckets).
+    planner : AttentionPlanner, optional
+        Writes the CUDA split-KV plan of this forward into its preallocated buffers, from the
+        host lengths computed here (no device read); every layer reuses it. Give it for CUDA
+        verify / decode steps (the engine does); a prefill never splits (the chunk is at least
+        ``2 * max_T`` keys), and the CPU op ignores a plan.
 
     Returns
     -------
     AttentionMetadata
-        ``plan`` / ``workspace`` are left None (see ``specrt.ops.plan_tree_attention``).
+        ``plan`` / ``workspace`` from ``planner``, else None.
     """
     dev = cache.device if device is None else torch.device(device)
     seq_ids = list(seq_ids)
@@ -371,6 +378,9 @@ def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
     shift = cache._shift
     slots = (table[rows, pos >> shift].astype(np.int64) << shift) | (pos & (cache.page_size - 1))
     seq_lens = np.asarray(committed, dtype=np.int64) + t_arr
+    plan = workspace = None
+    if planner is not None:
+        plan, workspace = planner.plan(indptr, seq_lens)
 
     return AttentionMetadata(
         qo_indptr=torch.from_numpy(indptr).to(device=dev, dtype=torch.int32),
@@ -378,4 +388,6 @@ def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
         block_table=torch.from_numpy(table).to(dev),
         slot_mapping=torch.from_numpy(slots).to(dev),
         mask=mask,
+        plan=plan,
+        workspace=workspace,
     )

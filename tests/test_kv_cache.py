@@ -406,6 +406,39 @@ def test_metadata_drives_reference_attention():
         torch.testing.assert_close(out[s0:s1], expect, rtol=1e-5, atol=1e-5)
 
 
+def test_build_metadata_with_planner():
+    """A planner gives the metadata the split-KV plan of exactly this forward, in buffers that
+    are reused from step to step (one plan tensor per batch size, one reserved workspace)."""
+    from specrt.attention_plan import AttentionPlanner, plan_tree_attention
+
+    hq, hkv, d, ps = 8, 2, 16, 4
+    cache = PagedKVCache(1, hkv, d, ps, 600, torch.float32, "cpu")
+    planner = AttentionPlanner(hq, hkv, d, ps, "cpu", max_batch=3, max_t=8, num_sms=132)
+    for s, n in ((0, 900), (1, 20), (2, 3)):
+        cache.add_sequence(s)
+        cache.reserve(s, n)
+        cache.commit(s, n)
+    seen = {}
+    for step in range(3):
+        trees = [DraftTree([1, 2, 3, 4], [-1, 0, 0, 1]), DraftTree.chain(5, [6] * step),
+                 DraftTree.single(7)]
+        committed = [cache.committed_len(s) for s in (0, 1, 2)]
+        tb = batch_trees(trees, committed)
+        md = build_metadata(cache, [0, 1, 2], tb, planner=planner)
+        plan, ws = plan_tree_attention(md.qo_indptr, md.seq_lens, hq, hkv, d, ps, 132, "cpu")
+        assert torch.equal(md.plan, plan)
+        assert md.workspace.numel() >= ws.numel() and md.workspace.dtype == torch.float32
+        assert int(md.plan[0]) > 3  # the 900-token sequence is split (chunk 128)
+        if step:
+            assert md.plan.data_ptr() == seen["plan"] and md.workspace.data_ptr() == seen["ws"]
+        seen = {"plan": md.plan.data_ptr(), "ws": md.workspace.data_ptr()}
+        for s in (0, 1, 2):
+            cache.commit(s, cache.committed_len(s) + 1)
+    assert planner.num_plans == 3
+    cache.add_sequence(9)
+    assert build_metadata(cache, [9], [5]).plan is None  # no planner, no plan
+
+
 # ---- GPU ----------------------------------------------------------------------------------------
 
 
