@@ -25,10 +25,11 @@ def cmd_fetch(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .engine import Engine, SamplingParams
+    from .engine import Engine, SamplingParams, check_device
     from .hub import DEFAULT_MODEL, resolve_model
     from .models import load_model
 
+    check_device(args.device)  # before any download or load
     path = resolve_model(args.model or DEFAULT_MODEL)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tok = load_model(path, dtype=dtype, device=args.device)

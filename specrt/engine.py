@@ -118,6 +118,28 @@ class _Seq:
                        max_draft)
 
 
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """Parse ``device`` and make sure this torch can run on it; raises ValueError with what
+    is missing (a CPU-only torch build, no visible GPU, an index past the GPU count)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} needs CUDA, but this torch "
+                             f"({torch.__version__}) is a CPU-only build; install a CUDA build "
+                             "of torch or use --device cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA device is visible to torch "
+                             f"{torch.__version__} (driver / CUDA_VISIBLE_DEVICES?); "
+                             "use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {str(device)!r}: only {n} CUDA device(s) visible")
+    return dev
+
+
 def attention_planner(cfg, page_size: int, device: torch.device, max_batch: int,
                       max_t: int) -> Optional[AttentionPlanner]:
     """The split-KV planner of a model's verify steps on ``device``: CUDA only (the CPU op
@@ -214,6 +236,7 @@ class Engine:
         from .hub import DEFAULT_MODEL, resolve_model
         from .models import load_model
 
+        device = check_device(device)
         path = resolve_model(name_or_path or DEFAULT_MODEL)
         model, tok = load_model(path, dtype=dtype, device=device)
         return cls(model, tok, proposer, **kw)

@@ -26,6 +26,42 @@ def test_missing_path_is_a_clear_error(tmp_path, capsys):
     assert "missing.gguf" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail if a model is resolved (fetched / loaded): device errors must come first."""
+    import specrt.hub
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was resolved before the device was checked")
+
+    monkeypatch.setattr(specrt.hub, "resolve_model", no_load)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_device_without_cuda_is_a_clear_error(monkeypatch, capsys, no_model, device):
+    """--device cuda where torch cannot reach a GPU (a CPU-only build here; no visible GPU on
+    a CUDA build) fails with a message, before any model is fetched or loaded."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--prompt", "hi", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specrt: error:") and "Traceback" not in err
+    assert "CUDA" in err and ("CPU-only" in err or "no CUDA device" in err) and "--device cpu" in err
+
+
+def test_bad_device_is_a_clear_error(monkeypatch, capsys, no_model):
+    import torch
+
+    from specrt.engine import Engine
+
+    assert main(["generate", "--prompt", "hi", "--device", "gpu0"]) == 2
+    assert "invalid device 'gpu0'" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine.from_pretrained("no-such-model", device="cuda")
+
+
 def test_unknown_proposer_is_a_clear_error(capsys):
     from argparse import Namespace
 
