@@ -3,24 +3,28 @@
 Lossless claims tested here:
 - greedy: every proposer's output ids equal plain greedy decoding's (exact), batched and
   unbatched, and plain decoding equals an independent full-recompute greedy loop;
-- sampling: the joint distribution of the first two emitted tokens under speculation equals
-  the target's exact distribution (chi-square; see test_sampling_lossless_end_to_end);
-- fixed seeds: the same request gives the same output whatever else is in the batch.
+- sampling: the joint distribution of the first k + 1 emitted tokens (k = the full draft
+  depth, so deep acceptance and the bonus token after k accepted drafts are covered) equals the
+  target's exact distribution (chi-square; see test_sampling_lossless_end_to_end), and the
+  same test fails on deliberately wrong verification (test_sampling_test_has_power);
+- mixed batches: greedy and sampled requests together, with every proposer;
+- fixed seeds: the same request gives the same output whatever else is in the batch, and
+  after a preemption.
 """
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
 
+from specrt import ops
 from specrt.engine import Engine, SamplingParams
 from specrt.proposers import (DraftModelProposer, LayerSkipProposer, NgramProposer, Proposer)
 from specrt.tree import DraftTree
 
 from _tiny import CharTokenizer, tiny_model
-
-scipy_stats = pytest.importorskip("scipy.stats")
 
 
 @pytest.fixture(scope="module")
@@ -120,91 +124,359 @@ def test_greedy_lossless(target, draft, name, page_size):
     assert m.mean_accepted_length >= 1.0
 
 
+def _mixed_proposers(target, draft):
+    v = target.config.vocab_size
+    return {
+        "ngram": lambda: NgramProposer(k=4, max_branches=2),
+        "draft": lambda: DraftModelProposer(draft, v, k=3),
+        "draft-tree": lambda: DraftModelProposer(draft, v, k=3, tree_width=3),
+        "self-draft-tree": lambda: DraftModelProposer(target, v, k=3, tree_width=2),
+        "layer-skip": lambda: LayerSkipProposer(target, 2, k=3),
+        # sampled requests' branching deterministic trees next to draft probabilities
+        "mixed": lambda: MixedProposer(DraftModelProposer(draft, v, k=3),
+                                       RandomTreeProposer(v, max_nodes=12, near=8)),
+    }
+
+
+@pytest.mark.parametrize("name", ["ngram", "draft", "draft-tree", "self-draft-tree", "layer-skip",
+                                  "mixed"])
+def test_mixed_greedy_and_sampled_batch(target, draft, name):
+    """Greedy and sampled requests in one batch: nothing raises, greedy rows equal plain greedy
+    decoding token for token, and each seeded sampled row equals the same request run without
+    the greedy ones."""
+    prompts = _prompts(8, seed=21)
+    greedy = [i % 2 == 0 for i in range(8)]
+    params = [SamplingParams(max_new_tokens=16) if g else
+              SamplingParams(temperature=0.8, top_p=0.95, seed=40 + i, max_new_tokens=16)
+              for i, g in enumerate(greedy)]
+    make = _mixed_proposers(target, draft)[name]
+    prop = make()
+    seen = {"branching": False, "sampled-branching": False}
+    inner = prop.propose
+
+    def spy(views):
+        trees = inner(views)
+        if any(t.draft_probs is not None for t in trees):
+            branching = [not t.is_chain for t in trees]
+            seen["branching"] |= any(branching)
+            seen["sampled-branching"] |= any(b and v.temperature > 0
+                                             for b, v in zip(branching, views))
+        return trees
+
+    prop.propose = spy
+    eng = Engine(target, proposer=prop, num_pages=1024, max_draft=4)
+    outs = eng.generate(prompts, params)
+    assert all(o.error is None and len(o.token_ids) == 16 for o in outs)
+    plain = Engine(target, num_pages=1024).generate(
+        [p for p, g in zip(prompts, greedy) if g], SamplingParams(max_new_tokens=16))
+    assert [o.token_ids for o, g in zip(outs, greedy) if g] == [o.token_ids for o in plain]
+    if name in ("draft-tree", "self-draft-tree", "mixed"):
+        # the case under test happened: branching trees next to draft probabilities
+        assert seen["branching"]
+    if name == "mixed":  # ... and sampled ones, which the engine reduces to their first chain
+        assert seen["sampled-branching"]
+    if name != "mixed":  # (mixed assigns trees by sequence id, which depends on the batch)
+        alone = Engine(target, proposer=make(), num_pages=1024, max_draft=4).generate(
+            [p for p, g in zip(prompts, greedy) if not g],
+            [x for x, g in zip(params, greedy) if not g])
+        assert [o.token_ids for o, g in zip(outs, greedy) if not g] == [o.token_ids for o in alone]
+
+
 def test_ngram_accepts_on_repetitive_text(target):
     # a model that copies: with a repetitive prompt greedy output repeats, n-gram drafts hit
     prompt = [5, 6, 7, 8] * 6
     eng = Engine(target, proposer=NgramProposer(k=4), num_pages=256)
-    eng.generate([prompt], SamplingParams(max_new_tokens=40))
-    plain = Engine(target, num_pages=256).generate([prompt], SamplingParams(max_new_tokens=40))
-    assert eng.metrics.steps <= plain[0].metrics.steps  # never more verify steps than tokens
+    spec = eng.generate([prompt], SamplingParams(max_new_tokens=40))
+    plain_eng = Engine(target, num_pages=256)
+    plain = plain_eng.generate([prompt], SamplingParams(max_new_tokens=40))
+    assert spec[0].token_ids == plain[0].token_ids
+    # drafts were accepted, so speculation took strictly fewer verify steps than tokens
+    # (NoProposer, which accepts nothing, fails both)
+    assert eng.metrics.accepted > 0
+    assert eng.metrics.steps < plain_eng.metrics.steps == 40
 
 
-def _exact_first_two(model, prompt, temperature, top_k=0, top_p=1.0):
-    """Exact joint distribution of the first two sampled tokens (processed like the op)."""
-    from specrt.reference import processed_probs
-
-    v = model.config.vocab_size
-
-    dist = lambda toks: _next_logits(model, toks)  # noqa: E731
-
-    t = torch.tensor([temperature], dtype=torch.float32)
-    k = torch.tensor([top_k], dtype=torch.int32)
-    p = torch.tensor([top_p], dtype=torch.float32)
-    p1 = processed_probs(dist(prompt)[None], t, k, p)[0].double()
-    joint = torch.zeros(v, v, dtype=torch.float64)
-    for a in range(v):
-        if p1[a] > 0:
-            joint[a] = p1[a] * processed_probs(dist(prompt + [a])[None], t, k, p)[0].double()
-    return joint
-
-
-def _next_logits(model, toks):
+def _last_logits(model, seqs):
+    """Next-token logits after each token sequence (one batched forward on a fresh cache)."""
     from specrt.kv_cache import PagedKVCache, build_metadata
 
     c = model.config
-    cache = PagedKVCache(c.num_layers, c.num_kv_heads, c.head_dim, 16, 16, torch.float32, "cpu")
-    cache.add_sequence(0)
-    meta = build_metadata(cache, [0], [len(toks)], "cpu")
-    out = model(torch.tensor(toks), torch.arange(len(toks)), cache.kv, meta,
-                logits_rows=torch.tensor([len(toks) - 1]))
-    return out.logits[0]
+    pages = sum(-(-len(x) // 16) for x in seqs)
+    cache = PagedKVCache(c.num_layers, c.num_kv_heads, c.head_dim, 16, pages, torch.float32, "cpu")
+    for i in range(len(seqs)):
+        cache.add_sequence(i)
+    meta = build_metadata(cache, list(range(len(seqs))), [len(x) for x in seqs], "cpu")
+    toks = torch.tensor([t for x in seqs for t in x])
+    pos = torch.cat([torch.arange(len(x)) for x in seqs])
+    rows = torch.tensor([len(x) for x in seqs]).cumsum(0) - 1
+    return model(toks, pos, cache.kv, meta, logits_rows=rows).logits
+
+
+def _exact_tables(model, prompt, depth, temperature, top_k=0, top_p=1.0):
+    """Processed target distribution (as the op computes it) after ``prompt + prefix``, for
+    every prefix of fewer than ``depth`` tokens that has positive probability."""
+    from specrt.reference import processed_probs
+
+    v = model.config.vocab_size
+    table, level = {}, [()]
+    for _ in range(depth):
+        n = len(level)
+        probs = processed_probs(_last_logits(model, [prompt + list(x) for x in level]),
+                                torch.full((n,), float(temperature)),
+                                torch.full((n,), top_k, dtype=torch.int32),
+                                torch.full((n,), float(top_p))).double()
+        nxt = []
+        for x, p in zip(level, probs):
+            table[x] = p
+            for a in range(v):
+                if p[a] > 0:
+                    nxt.append(x + (a,))
+        level = nxt
+    return table
+
+
+def _exact_joint(table, vocab, depth):
+    """float64 [vocab ** depth]: exact probability of each sequence of the first ``depth``
+    tokens (index = the tokens as base-``vocab`` digits, first token most significant)."""
+    joint = torch.zeros(vocab ** depth, dtype=torch.float64)
+
+    def walk(prefix, p):
+        if len(prefix) == depth:
+            idx = 0
+            for t in prefix:
+                idx = idx * vocab + t
+            joint[idx] = p
+            return
+        row = table[prefix]
+        for a in range(vocab):
+            if row[a] > 0:
+                walk(prefix + (a,), p * float(row[a]))
+
+    walk((), 1.0)
+    return joint
+
+
+def _chi_square_p(outs, exact, vocab, depth):
+    """p-value of the emitted first-``depth``-token sequences against ``exact`` (cells with
+    an expectation below 5 are merged into one bin so the chi-square approximation holds)."""
+    from scipy import stats as scipy_stats
+
+    counts = torch.zeros(vocab ** depth, dtype=torch.float64)
+    for o in outs:
+        assert len(o.token_ids) == depth, o.token_ids
+        idx = 0
+        for t in o.token_ids:
+            idx = idx * vocab + t
+        counts[idx] += 1
+    assert counts[exact == 0].sum() == 0, "a sequence outside the target's support was emitted"
+    n = len(outs)
+    exp, obs = exact * n, counts
+    keep = exp > 0
+    small = keep & (exp < 5)
+    e = torch.cat([exp[keep & ~small], exp[small].sum()[None]])
+    o = torch.cat([obs[keep & ~small], obs[small].sum()[None]])
+    if e[-1] == 0:
+        e, o = e[:-1], o[:-1]
+    return scipy_stats.chisquare(o.numpy(), e.numpy() * (o.sum() / e.sum()).item()).pvalue
+
+
+class ExactTreeProposer(Proposer):
+    """Test proposer: deterministic trees of the target's own ``width`` most likely tokens at
+    every node (from exact tables), so drafts reach full depth often and sibling rejection is
+    exercised; ``swap`` lists the second-best child first (a worse ranking, still lossless)."""
+
+    name = "exact-tree"
+
+    def __init__(self, table, prompt_len, width=2, swap=False):
+        self.table, self.prompt_len, self.width, self.swap = table, prompt_len, width, swap
+
+    def propose(self, seqs):
+        trees = []
+        for s in seqs:
+            gen = tuple(s.token_ids[self.prompt_len:])
+            paths = []
+
+            def grow(prefix, path):
+                row = self.table.get(gen + prefix)
+                if len(path) == s.max_draft or row is None:
+                    if path:
+                        paths.append(path)
+                    return
+                top = row.topk(self.width).indices.tolist()
+                if self.swap:
+                    top = top[1:] + top[:1]
+                for a in top:
+                    if row[a] > 0:
+                        grow(prefix + (a,), path + [a])
+
+            grow((), [])
+            trees.append(DraftTree.from_paths(s.token_ids[-1], paths) if paths
+                         else DraftTree.single(s.token_ids[-1]))
+        return trees
+
+
+class MixedProposer(Proposer):
+    """Test proposer: draft-model chains with probabilities for odd sequence ids, another
+    proposer's deterministic (branching) trees for even ones, in the same batch."""
+
+    name = "mixed"
+
+    def __init__(self, chains: DraftModelProposer, trees: Proposer):
+        self.chains, self.trees = chains, trees
+
+    def add(self, seq):
+        self.chains.add(seq)
+        self.trees.add(seq)
+
+    def release(self, seq_id):
+        self.chains.release(seq_id)
+        self.trees.release(seq_id)
+
+    def propose(self, seqs):
+        odd = [s for s in seqs if s.seq_id % 2]
+        chains = iter(self.chains.propose(odd)) if odd else iter(())
+        trees = iter(self.trees.propose([s for s in seqs if not s.seq_id % 2]))
+        return [next(chains) if s.seq_id % 2 else next(trees) for s in seqs]
+
+    def commit(self, seqs, results):
+        pick = [i for i, s in enumerate(seqs) if s.seq_id % 2]
+        self.chains.commit([seqs[i] for i in pick], [results[i] for i in pick])
+
+
+def _perturbed(model, eps, seed):
+    """A copy of ``model`` with relative noise ``eps`` on its matrices: a draft that agrees
+    with the target often, but not always."""
+    d = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in d.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=g) * eps * p.std())
+    return d
+
+
+_VOCAB, _K, _PROMPT = 8, 3, [1, 2, 3, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def stat_models():
+    tgt = tiny_model(seed=3, scale=3.0, vocab=_VOCAB, hidden=32, layers=3)
+    return tgt, _perturbed(tgt, 0.1, seed=5)
+
+
+def _sample_first_tokens(tgt, proposer, n, temperature, top_k=0, top_p=1.0, depth=_K + 1):
+    """The first ``depth`` tokens of ``n`` seeded requests of the same prompt."""
+    eng = Engine(tgt, proposer=proposer, num_pages=8192, page_size=4, max_batch_size=512,
+                 max_draft=_K)
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
+                             max_new_tokens=depth) for s in range(n)]
+    return eng.generate([_PROMPT] * n, params), eng.metrics
+
+
+def _stat_proposer(name, tgt, drf, table):
+    return {
+        "none": lambda: None,
+        "draft": lambda: DraftModelProposer(drf, _VOCAB, k=_K),
+        "draft-far": lambda: DraftModelProposer(
+            tiny_model(seed=4, scale=3.0, vocab=_VOCAB, hidden=32, layers=1), _VOCAB, k=_K),
+        "layer-skip": lambda: LayerSkipProposer(tgt, 2, k=_K),
+        "exact-tree": lambda: ExactTreeProposer(table, len(_PROMPT)),
+        "exact-tree-swapped": lambda: ExactTreeProposer(table, len(_PROMPT), swap=True),
+        "random-tree": lambda: RandomTreeProposer(_VOCAB, max_nodes=10, seed=7),
+        "ngram": lambda: NgramProposer(k=_K, max_branches=3),
+        "mixed": lambda: MixedProposer(DraftModelProposer(drf, _VOCAB, k=_K),
+                                       ExactTreeProposer(table, len(_PROMPT), width=2)),
+    }[name]()
+
+
+_N_STAT = 3000
 
 
 @pytest.mark.parametrize("name,temperature,top_k,top_p", [
     ("none", 1.0, 0, 1.0),
     ("draft", 1.0, 0, 1.0),
     ("draft", 0.7, 5, 0.9),
+    ("draft-far", 1.0, 0, 1.0),
     ("layer-skip", 1.0, 0, 1.0),
+    ("exact-tree", 1.0, 0, 1.0),
+    ("exact-tree-swapped", 0.8, 0, 0.95),
     ("random-tree", 1.0, 0, 1.0),
     ("ngram", 0.7, 0, 1.0),
+    ("mixed", 1.0, 0, 1.0),
 ])
-def test_sampling_lossless_end_to_end(name, temperature, top_k, top_p):
-    """Chi-square of the (first, second) emitted-token pair over 3000 seeds against the exact
-    target distribution. alpha = 1e-4 per case (false-failure rate 6e-4 over the 6 cases)."""
-    vocab = 8
-    tgt = tiny_model(seed=3, scale=2.0, vocab=vocab, hidden=32, layers=3)
-    drf = tiny_model(seed=4, scale=2.0, vocab=vocab, hidden=32, layers=1)
-    prompt = [1, 2, 3, 1, 2]
-    makers = {
-        "none": lambda: None,
-        "draft": lambda: DraftModelProposer(drf, vocab, k=3),
-        "layer-skip": lambda: LayerSkipProposer(tgt, 1, k=3),
-        "random-tree": lambda: RandomTreeProposer(vocab, max_nodes=10, seed=7),
-        "ngram": lambda: NgramProposer(k=3, max_branches=3),
-    }
-    n = 3000
-    eng = Engine(tgt, proposer=makers[name](), num_pages=4096, page_size=4, max_batch_size=512,
-                 max_draft=3)
-    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
-                             max_new_tokens=2) for s in range(n)]
-    outs = eng.generate([prompt] * n, params)
-    counts = torch.zeros(vocab, vocab, dtype=torch.float64)
-    for o in outs:
-        assert len(o.token_ids) == 2
-        counts[o.token_ids[0], o.token_ids[1]] += 1
-    exact = _exact_first_two(tgt, prompt, temperature, top_k, top_p)
-    assert counts[exact == 0].sum() == 0, "a token outside the target's support was emitted"
-    exp = exact.flatten() * n
-    obs = counts.flatten()
-    keep = exp > 0
-    # merge cells with small expectations into one bin so the chi-square approximation holds
-    small = keep & (exp < 5)
-    e = torch.cat([exp[keep & ~small], exp[small].sum()[None]])
-    o = torch.cat([obs[keep & ~small], obs[small].sum()[None]])
-    if e[-1] == 0:
-        e, o = e[:-1], o[:-1]
-    stat, pval = scipy_stats.chisquare(o.numpy(), e.numpy() * (o.sum() / e.sum()).item())
-    assert pval > 1e-4, f"{name}: chi-square p = {pval:.2e}"
+def test_sampling_lossless_end_to_end(stat_models, name, temperature, top_k, top_p):
+    """Chi-square of the first k + 1 = 4 emitted tokens (jointly) over 3000 seeds against the
+    target's exact distribution. With max_new_tokens = k + 1 the first step drafts to the
+    full depth k = 3, so deep acceptance, sibling rejection at every level and the bonus token
+    after k accepted drafts all shape the tested distribution. alpha = 1e-4 per case: the
+    false-failure rate of the 10 cases is at most 1e-3 (the seeds are fixed, so a given build
+    either passes or fails deterministically)."""
+    pytest.importorskip("scipy.stats")
+    tgt, drf = stat_models
+    table = _exact_tables(tgt, _PROMPT, _K + 1, temperature, top_k, top_p)
+    exact = _exact_joint(table, _VOCAB, _K + 1)
+    prop = _stat_proposer(name, tgt, drf, table)
+    outs, m = _sample_first_tokens(tgt, prop, _N_STAT, temperature, top_k, top_p)
+    if name in ("draft", "layer-skip", "exact-tree", "mixed"):
+        # the case reaches the bonus token after k accepted drafts often enough to matter
+        assert len(m.depth_hist) == _K + 1 and m.depth_hist[_K] >= 0.05 * _N_STAT, m.depth_hist
+    pval = _chi_square_p(outs, exact, _VOCAB, _K + 1)
+    assert pval > 1e-4, f"{name}: chi-square p = {pval:.2e}, depth histogram {m.depth_hist}"
+
+
+def _wrong_temperature(real):
+    def op(*a, temperature, **kw):
+        return real(*a, temperature=temperature * 1.25, **kw)
+    return op
+
+
+def _wrong_deep_q(real):
+    """Acceptance of the 2nd and later drafts of a chain uses a uniform q instead of the
+    distribution the draft was sampled from (the first draft is verified correctly)."""
+    def op(logits, tokens, parents, indptr, *, draft_probs=None, **kw):
+        if draft_probs is not None:
+            local = torch.arange(tokens.shape[0]) - torch.repeat_interleave(
+                indptr[:-1].long(), (indptr[1:] - indptr[:-1]).long())
+            draft_probs = draft_probs.clone()
+            draft_probs[local >= 1] = 1.0 / draft_probs.shape[1]
+        return real(logits, tokens, parents, indptr, draft_probs=draft_probs, **kw)
+    return op
+
+
+def _wrong_bonus(real):
+    """After two or more accepted drafts ending at a leaf, the bonus token is the argmax of the
+    leaf's logits instead of a sample."""
+    def op(logits, tokens, parents, indptr, **kw):
+        out = real(logits, tokens, parents, indptr, **kw)
+        for b in range(indptr.shape[0] - 1):
+            lo, hi = int(indptr[b]), int(indptr[b + 1])
+            na = int(out.num_accepted[b])
+            last = int(out.path[b, na]) if na >= 0 else -1
+            if na >= 2 and last not in parents[lo + 1:hi].tolist():
+                out.tokens[b, na] = int(logits[lo + last].argmax())
+        return out
+    return op
+
+
+@pytest.mark.parametrize("bug,name", [
+    ("temperature", "draft"),
+    ("deep-q", "layer-skip"),
+    ("bonus", "layer-skip"),
+    ("bonus", "exact-tree"),
+])
+def test_sampling_test_has_power(stat_models, monkeypatch, bug, name):
+    """The statistical test above must reject a broken verification. The deep-q and bonus bugs
+    only act from the second draft on, where a test of the first two tokens (one draft)
+    cannot see them."""
+    pytest.importorskip("scipy.stats")
+    tgt, drf = stat_models
+    table = _exact_tables(tgt, _PROMPT, _K + 1, 1.0)
+    exact = _exact_joint(table, _VOCAB, _K + 1)
+    wrap = {"temperature": _wrong_temperature, "deep-q": _wrong_deep_q, "bonus": _wrong_bonus}[bug]
+    monkeypatch.setattr(ops, "rejection_sample", wrap(ops.rejection_sample))
+    outs, m = _sample_first_tokens(tgt, _stat_proposer(name, tgt, drf, table), _N_STAT, 1.0)
+    pval = _chi_square_p(outs, exact, _VOCAB, _K + 1)
+    assert pval < 1e-6, f"{bug}: the wrong verification passed (p = {pval:.2e})"
 
 
 def test_seed_is_batch_independent(target, draft):
@@ -284,6 +556,20 @@ def test_out_of_pages_preempts_and_stays_lossless(target, draft):
     eng = Engine(target, proposer=DraftModelProposer(draft, target.config.vocab_size, k=3),
                  num_pages=40, page_size=4, max_tree_nodes=8, max_draft=3)
     outs = eng.generate(prompts, params)
+    assert eng.metrics.preemptions >= 1
+    for a, b in zip(ref, outs):
+        assert a.token_ids == b.token_ids and b.error is None
+    # seeded sampling: the request's Philox offsets (its step count) survive preemption and the
+    # recomputed cache holds the same K/V, so a preempted run equals an unpreempted one
+    sampled = [SamplingParams(temperature=0.9, seed=100 + i, max_new_tokens=24) for i in range(6)]
+    make = lambda: DraftModelProposer(draft, target.config.vocab_size, k=3)  # noqa: E731
+    roomy = Engine(target, proposer=make(), num_pages=2048, page_size=4, max_tree_nodes=8,
+                   max_draft=3)
+    ref = roomy.generate(prompts, sampled)
+    assert roomy.metrics.preemptions == 0
+    eng = Engine(target, proposer=make(), num_pages=40, page_size=4, max_tree_nodes=8, max_draft=3)
+    outs = eng.generate(prompts, sampled)
+    assert eng.metrics.preemptions >= 1
     for a, b in zip(ref, outs):
         assert a.token_ids == b.token_ids and b.error is None
     # a request that can never fit fails cleanly, the others complete
@@ -306,9 +592,80 @@ def test_self_draft_accepts_everything(target, width):
         assert len(o.token_ids) == 17 and o.metrics.steps == 5
 
 
+def test_engine_plans_split_kv_on_cuda_only(target, monkeypatch):
+    """The engine builds a split-KV planner for CUDA devices only (checked on a pretend CUDA
+    device: the planner allocates nothing until it plans)."""
+    import types
+
+    from specrt.attention_plan import AttentionPlanner
+    from specrt.engine import attention_planner
+
+    cfg = target.config
+    assert Engine(target, num_pages=64).planner is None  # CPU: the op ignores plans
+    assert attention_planner(cfg, 16, torch.device("cpu"), 4, 8) is None
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(multi_processor_count=132))
+    pl = attention_planner(cfg, 16, torch.device("cuda:0"), 4, 8)
+    assert isinstance(pl, AttentionPlanner) and pl.device == torch.device("cuda:0")
+    assert (pl.num_qo_heads, pl.num_kv_heads, pl.head_dim, pl.page_size, pl.num_sms) == \
+        (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16, 132)
+    assert (pl.max_batch, pl.max_t) == (4, 8)
+
+
+def test_engine_verify_steps_carry_the_plan(target, draft):
+    """With a planner (on CUDA; here one on the CPU, whose op ignores the plan), every verify
+    step's metadata carries the plan of exactly that step, shared by all layers, and the
+    output is unchanged."""
+    from specrt.attention_plan import AttentionPlanner, plan_tree_attention
+
+    cfg = target.config
+    prompts = [[3, 1, 4, 1, 5] * 30, [2, 7]]  # 150 tokens: past one 128-key chunk, so it splits
+    params = SamplingParams(max_new_tokens=10)
+    ref = Engine(target, num_pages=256).generate(prompts, params)
+    eng = Engine(target, proposer=DraftModelProposer(draft, cfg.vocab_size, k=3, tree_width=2),
+                 num_pages=256)
+    eng.planner = AttentionPlanner(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   eng.cache.page_size, "cpu", max_batch=2, max_t=64, num_sms=132)
+    metas = []
+    inner = target.forward
+
+    def spy(ids, pos, kv, meta, **kw):
+        if kv is eng.cache.kv:
+            plan = None if meta.plan is None else meta.plan.clone()  # the buffer is reused
+            metas.append((plan, meta.qo_indptr.clone(), meta.seq_lens.clone(),
+                          kw.get("logits_rows")))
+        return inner(ids, pos, kv, meta, **kw)
+
+    target.forward = spy
+    try:
+        outs = eng.generate(prompts, params)
+    finally:
+        del target.forward
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    verify = [m for m in metas if m[3] is None]  # a prefill asks for no logits rows
+    assert verify and all(m[0] is not None for m in verify)
+    assert all(m[0] is None for m in metas if m[3] is not None)  # prefills never split
+    assert eng.planner.num_plans == len(verify)  # one plan per step, for every layer
+    for plan, qo, lens, _ in verify:
+        want, _ = plan_tree_attention(qo, lens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                      eng.cache.page_size, 132, "cpu")
+        assert torch.equal(plan, want)
+        assert int(plan[0]) > qo.numel() - 1  # the long sequence is split into several items
+
+
 def test_nvml_flag_needs_cuda(target):
     with pytest.raises(ValueError, match="CUDA"):
         Engine(target, nvml=True)
+
+
+def _gpu_model():
+    """The tiny target in bf16 on CUDA, with head_dim 64 (the CUDA tree_attention kernel takes
+    head_dim 64 / 128 / 256)."""
+    m = tiny_model(seed=1, scale=3.0, hidden=256, heads=4, kv_heads=2)
+    assert m.config.head_dim == 64
+    m = m.to(device="cuda", dtype=torch.bfloat16)
+    m.device, m.dtype = torch.device("cuda"), torch.bfloat16
+    return m
 
 
 @pytest.mark.gpu
@@ -317,14 +674,52 @@ def test_engine_on_gpu_lossless_and_bandwidth():
     """bf16 on GPU (the CUDA kernels take fp16/bf16): speculative greedy vs plain greedy on the
     same device. Different tree shapes may take different attention paths whose bf16 rounding
     differs, so a late near-tie can flip: require 3 of 4 prompts identical and every output's
-    first 4 tokens identical."""
-    gpu = tiny_model(seed=1, scale=3.0).to(device="cuda", dtype=torch.bfloat16)
-    gpu.device, gpu.dtype = torch.device("cuda"), torch.bfloat16
+    first 4 tokens identical. NVML must really measure (GPM, or the utilization fallback)."""
+    gpu = _gpu_model()
     prompts = _prompts(4, seed=1)
     p = SamplingParams(max_new_tokens=16)
     ref = Engine(gpu, num_pages=512).generate(prompts, p)
     eng = Engine(gpu, proposer=NgramProposer(k=4), num_pages=512, nvml=True)
     outs = eng.generate(prompts, p)
+    assert all(o.error is None and len(o.token_ids) == 16 for o in outs + ref)
     same = sum(a.token_ids == b.token_ids for a, b in zip(ref, outs))
     assert same >= 3 and all(a.token_ids[:4] == b.token_ids[:4] for a, b in zip(ref, outs))
-    assert eng.metrics.bandwidth.get("method") in ("gpm", "utilization", "none")
+    assert eng.planner is not None and eng.planner.num_plans > 0
+    bw = eng.metrics.bandwidth
+    assert bw.get("method") in ("gpm", "utilization"), bw
+    assert bw.get("dram_bw_util_pct") is not None, bw
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_split_kv_plan_on_gpu():
+    """Long contexts on CUDA: the engine's verify steps run the split-KV path (more plan items
+    than sequences: partial outputs + merge) with a mixed greedy / sampled batch, and agree with
+    the same engine without a plan (first tokens exactly; fp32 partial merging may round bf16
+    differently, so a late near-tie may flip)."""
+    gpu = _gpu_model()
+    prompts = [[3, 1, 4, 1, 5] * 60, [2, 7, 1, 8] * 40 + [2], [9, 9, 8]]  # 300, 161, 3 tokens
+    params = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12),
+              SamplingParams(temperature=0.8, seed=5, max_new_tokens=12)]
+    draft = tiny_model(seed=2, scale=3.0, hidden=256, heads=4, kv_heads=2, layers=2).to(
+        device="cuda", dtype=torch.bfloat16)
+    make = lambda: DraftModelProposer(draft, gpu.config.vocab_size, k=3, tree_width=2)  # noqa: E731
+    eng = Engine(gpu, proposer=make(), num_pages=512)
+    assert eng.planner is not None
+    items = []
+    inner = eng.planner.plan
+
+    def spy(qo, lens):
+        plan, ws = inner(qo, lens)
+        items.append((int(plan[0]), len(lens)))
+        return plan, ws
+
+    eng.planner.plan = spy
+    outs = eng.generate(prompts, params)
+    assert all(o.error is None and len(o.token_ids) == 12 for o in outs)
+    assert items and any(n > b for n, b in items), items
+    noplan = Engine(gpu, proposer=make(), num_pages=512)
+    noplan.planner = None
+    ref = noplan.generate(prompts, params)
+    assert all(a.token_ids[:4] == b.token_ids[:4] for a, b in zip(outs, ref))
+    assert sum(a.token_ids == b.token_ids for a, b in zip(outs, ref)) >= 2
