@@ -251,3 +251,17 @@ def test_bad_input_cuda():
         run_op(dict(case, block_table=case["block_table"].cpu()), out=out)
     torch.cuda.synchronize()
     assert (out == 3).all()
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 4), (32, 8)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_cuda_core_one_and_two_rows(hq, hkv, dtype):
+    """Plain decode with Hq == Hkv (1 row per kv head) and Hq == 2 Hkv (2 rows): the CUDA-core
+    pass with R = 1 and R = 2 (and R = 4 for group 4), split and unsplit."""
+    rng = random.Random(hq * hkv)
+    prefixes = [rng.randrange(1, 3000) for _ in range(5)]
+    case = make_case(prefixes, [chain_parents(1)] * 5, hq, hkv, 128, 16, dtype, seed=hq,
+                     mask_mode="none", device="cuda")
+    ref = run_ref(case)
+    for split in (False, True):
+        check_cuda(case, split, ref=ref)

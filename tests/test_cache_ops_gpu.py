@@ -280,3 +280,10 @@ def test_graph_replay_equals_eager():
         assert torch.equal(ref_lens, eager_lens.cpu())
         assert_same_bits(ref_kv, eager_kv.cpu(), f"reference {it}")
         assert not torch.equal(bits(ref_kv), bits(base_kv))
+
+
+def test_rollback_cuda_offset_table_above_48k_shared_memory():
+    """max_T = 4000: the (src, dst) offset table takes 64 KB of dynamic shared memory."""
+    case = make_rollback_case(77, 2, 16, [300, 9], kind="tree", num_layers=1, num_kv_heads=1,
+                              head_dim=8, dtype=torch.float16, max_t=4000)
+    check_rollback_three(case)

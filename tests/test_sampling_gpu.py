@@ -18,10 +18,12 @@ import torch
 
 import specrt._C  # noqa: F401
 from specrt import reference as R
+from specrt._ext import has_cuda_kernels
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not torch.cuda.is_available() or not has_cuda_kernels(),
+                       reason="needs a CUDA device and a CUDA build of specrt"),
 ]
 
 OPS = torch.ops.specrt
@@ -248,3 +250,34 @@ def test_lossless_statistics_gpu(kind):
         order = torch.argsort(model.p0, descending=True).tolist()
         sts.tree_case(model, [-1, 0, 0, 0, 1, 1, 2], [0, order[0], order[1], order[2], 1, 2, 3],
                       gen, 321, sts.ALPHA / 2, device="cuda")
+
+
+@pytest.mark.parametrize("vocab", [10000, 20000])
+def test_two_and_four_block_clusters(vocab):
+    """batch 1 at vocab 10000 (20000) splits the row over a cluster of 2 (4) blocks on a
+    132-SM GPU (choose_cluster); bit-exact vs the CPU, trees and chains."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits, tokens, parents, indptr = tree_batch([7], vocab, gen)
+    prm = req(1, gen)
+    for u in (None, torch.rand(7, generator=gen)):
+        cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, u, 9)
+        gpu = run_rs("cuda", logits, tokens, parents, indptr, None, prm, u, 9)
+        for a, b in zip(cpu, gpu):
+            assert torch.equal(a, b)
+    logits, tokens, parents, indptr = tree_batch([6], vocab, gen, chain=True)
+    q = dyadic_q(logits, gen)
+    cpu = run_rs("cpu", logits, tokens, parents, indptr, q, prm, None, 6)
+    gpu = run_rs("cuda", logits, tokens, parents, indptr, q, prm, None, 6)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b)
+
+
+def test_tree_above_48k_shared_memory():
+    """max_t = 1024: the per-node statistics need > 48 KB of dynamic shared memory."""
+    gen = torch.Generator().manual_seed(8)
+    logits, tokens, parents, indptr = tree_batch([1000, 3], 64, gen)
+    prm = req(2, gen, greedy_every=2)
+    cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, None, 1024)
+    gpu = run_rs("cuda", logits, tokens, parents, indptr, None, prm, None, 1024)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b)
