@@ -4,8 +4,9 @@ confirm that `pytest -m emulated` fails on each. Nothing is committed: every fil
 
     python scripts/simt_mutations.py [--only NAME] [--list]
 
-Each mutation names the file, the exact text replaced, and the tests to run (the whole emulated
-suite is slow; the selection is the suite file covering that kernel).
+Each mutation names the file, the exact text replaced, and the tests to run: the emulated suite
+file covering that kernel, then the ThreadSanitizer race check (tests/test_simt_races.py). A
+mutant is caught when either fails.
 """
 from __future__ import annotations
 
@@ -141,9 +142,10 @@ def run(name, path, old, new, tests, timeout):
     path.write_text(text.replace(old, new))
     t0 = time.time()
     try:
+        # the kernel's suite, then the ThreadSanitizer race check (test_simt_races.py)
         r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-m", "emulated",
-                            "-p", "no:cacheprovider", tests], cwd=ROOT / "tests",
-                           capture_output=True, text=True, timeout=timeout)
+                            "-p", "no:cacheprovider", tests, "test_simt_races.py"],
+                           cwd=ROOT / "tests", capture_output=True, text=True, timeout=timeout)
         out = r.stdout.strip().splitlines()
         verdict = "caught" if r.returncode != 0 else "MISSED"
         detail = out[-1] if out else ""

@@ -29,22 +29,36 @@ class SimtError(RuntimeError):
     """A launch the emulation rejected or aborted (deadlock, misuse, bad launch config)."""
 
 
-def asan_preloaded() -> bool:
+def _preloaded(name: str) -> bool:
     try:
-        return "libasan" in Path("/proc/self/maps").read_text()
+        return name in Path("/proc/self/maps").read_text()
     except OSError:
         return False
 
 
-def build(sanitize: bool | None = None) -> Path:
-    """Configure + build the emulation library (incremental); returns the .so path."""
-    if sanitize is None:
-        sanitize = asan_preloaded()
-    out = ROOT / "build" / ("simt-asan" if sanitize else "simt")
+def asan_preloaded() -> bool:
+    return _preloaded("libasan")
+
+
+VARIANTS = {"plain": [], "asan": ["-DSPECRT_SIMT_SANITIZE=ON"], "tsan": ["-DSPECRT_SIMT_TSAN=ON"]}
+
+
+def build(sanitize: bool | None = None, variant: str | None = None) -> Path:
+    """Configure + build the emulation library (incremental); returns the .so path.
+
+    variant: "plain", "asan" (AddressSanitizer + UBSan) or "tsan" (ThreadSanitizer race
+    check); by default the one matching the sanitizer runtime preloaded into this process.
+    """
+    if variant is None:
+        if sanitize is None:
+            variant = "asan" if asan_preloaded() else "tsan" if _preloaded("libtsan") else "plain"
+        else:
+            variant = "asan" if sanitize else "plain"
+    out = ROOT / "build" / ("simt" if variant == "plain" else f"simt-{variant}")
     cfg = ["cmake", "-S", str(ROOT), "-B", str(out), "-G", "Ninja", "-DSPECRT_SIMT=ON",
-           f"-DSPECRT_SIMT_SANITIZE={'ON' if sanitize else 'OFF'}"]
+           *VARIANTS[variant]]
     env = dict(os.environ)
-    env.pop("LD_PRELOAD", None)  # the compiler must not run under the ASan runtime
+    env.pop("LD_PRELOAD", None)  # the compiler must not run under a sanitizer runtime
     if not (out / "build.ninja").exists():
         subprocess.run(cfg, check=True, env=env, stdout=subprocess.DEVNULL)
     jobs = str(max(1, min(4, os.cpu_count() or 1)))
@@ -127,7 +141,7 @@ _lib = None
 def lib():
     global _lib
     if _lib is None:
-        so = build()
+        so = os.environ.get("SPECRT_SIMT_LIB") or build()
         L = C.CDLL(str(so))
         L.simt_last_error.restype = C.c_char_p
         L.simt_layout.restype = C.c_longlong

@@ -180,3 +180,34 @@ def test_big_tree_needs_more_than_48k_shared_memory():
     assert sb.last_launch()["smem"] > 48 * 1024
     for a, b in zip(cpu, emu):
         assert torch.equal(a, b)
+
+
+def crafted_sibling_case(vocab=64):
+    """Node 0's children: A (outside the target's support: always rejected), then B (the only
+    supported token: always accepted after A's removal). Node B's child carries B's token
+    again, outside node B's support: rejected. The walk reads the rejected-siblings list of
+    node 0 while checking B and then rewrites its first slot for node B: the kernel must order
+    the two (a barrier) or threads disagree on whether B was a duplicate."""
+    A, B, D = 5, 9, 17
+    logits = torch.full((4, vocab), NEG_INF)
+    logits[0, B] = 0.0
+    logits[1, 3] = 0.0
+    logits[2, D] = 0.0
+    logits[3, 4] = 0.0
+    tokens = torch.tensor([1, A, B, B], dtype=torch.int32)
+    parents = torch.tensor([-1, 0, 0, 2], dtype=torch.int32)
+    indptr = torch.tensor([0, 4], dtype=torch.int32)
+    prm = [torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32), torch.tensor([1.0]),
+           torch.tensor([7], dtype=torch.int64), torch.tensor([0], dtype=torch.int64)]
+    return logits, tokens, parents, indptr, prm
+
+
+@pytest.mark.parametrize("vocab", [64, 10000])
+def test_rejected_sibling_then_accepted_then_rejected_child(vocab):
+    logits, tokens, parents, indptr, prm = crafted_sibling_case(vocab)
+    cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, None, 4)
+    assert cpu[0][0].tolist()[:2] == [9, 17] and int(cpu[2][0]) == 1
+    for schedule in ("in_order", "reversed", "random"):
+        emu = emu_rs(logits, tokens, parents, indptr, None, prm, None, 4, schedule=schedule)
+        for a, b in zip(cpu, emu):
+            assert torch.equal(a, b), schedule

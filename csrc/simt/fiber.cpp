@@ -8,6 +8,10 @@
 #define SIMT_ASAN 1
 #endif
 
+#if defined(SPECRT_SIMT_TSAN)
+#include <sanitizer/tsan_interface.h>
+#endif
+
 #if defined(__x86_64__)
 extern "C" void simt_context_swap(void** save_sp, void* new_sp);
 extern "C" void simt_context_trampoline();
@@ -84,6 +88,10 @@ void context_switch(Context& from, Context& to, bool from_finished) {
                                  to.stack_size);
 #else
   (void)from_finished;
+#endif
+#if defined(SPECRT_SIMT_TSAN)
+  // no_sync: a switch is not an ordering; the machine annotates the real ones (barriers).
+  if (to.tsan) __tsan_switch_to_fiber(to.tsan, __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(__x86_64__)
   simt_context_swap(&from.sp, to.sp);

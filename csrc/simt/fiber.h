@@ -16,6 +16,8 @@ struct Context {
 #else
   ucontext_t uc;
 #endif
+  // ThreadSanitizer fiber of this context (SPECRT_SIMT_TSAN builds), or nullptr.
+  void* tsan = nullptr;
   // AddressSanitizer bookkeeping of the stack this context runs on.
   void* fake_stack = nullptr;
   const void* stack_bottom = nullptr;

@@ -22,6 +22,24 @@
 #include "fiber.h"
 #include "simt.h"
 
+#if defined(SPECRT_SIMT_TSAN)
+// The machine's orderings, told to ThreadSanitizer: every release on an object happens before
+// every later acquire on it. Fibers are TSan fibers switched without implicit ordering, so two
+// threads' accesses to the same bytes are ordered only through these.
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
+#define SIMT_RELEASE(p) __tsan_release(const_cast<void*>(static_cast<const void*>(p)))
+#define SIMT_ACQUIRE(p) __tsan_acquire(const_cast<void*>(static_cast<const void*>(p)))
+#define SIMT_READ(p, n) __tsan_read_range(const_cast<void*>(static_cast<const void*>(p)), n)
+#define SIMT_WRITE(p, n) __tsan_write_range(const_cast<void*>(static_cast<const void*>(p)), n)
+#else
+#define SIMT_RELEASE(p) ((void)(p))
+#define SIMT_ACQUIRE(p) ((void)(p))
+#define SIMT_READ(p, n) ((void)(p), (void)(n))
+#define SIMT_WRITE(p, n) ((void)(p), (void)(n))
+#endif
+
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #define SIMT_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
@@ -39,6 +57,7 @@ constexpr size_t kStackSize = 512 * 1024;
 constexpr size_t kGuard = 4096;
 constexpr int kMaxStaticSmem = 48 * 1024;
 constexpr int kMaxSmem = 227 * 1024;
+constexpr int kMaxSharedVars = 64;
 
 std::mutex g_mutex;  // last error, smem attributes
 std::string g_last_error;
@@ -50,6 +69,14 @@ uint64_t splitmix(uint64_t& s) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
+}
+
+// Byte copies of the machine's own bookkeeping (collective operands and results): never a
+// libc call, so ThreadSanitizer's interceptors do not attribute them to a kernel thread.
+void raw_copy(void* dst, const void* src, size_t n) {
+  volatile unsigned char* d = static_cast<volatile unsigned char*>(dst);
+  const volatile unsigned char* s = static_cast<const volatile unsigned char*>(src);
+  for (size_t i = 0; i < n; ++i) d[i] = s[i];
 }
 
 std::string kernel_name(const void* kernel) {
@@ -135,8 +162,14 @@ struct Collective {
   alignas(16) unsigned char in[32][48];
 };
 
+// NOTE: a fixed pool, allocated with the block by the scheduler: no heap traffic from inside
+// kernel threads for the machine's own bookkeeping (ThreadSanitizer would attribute it).
+constexpr int kMaxPending = 4;  // distinct collectives in flight in one warp
+
 struct Warp {
-  std::vector<std::unique_ptr<Collective>> pending;
+  Collective slot[kMaxPending];
+  uint64_t seq[kMaxPending] = {};  // 0: free; else creation order
+  uint64_t next_seq = 1;
   unsigned exited = 0;   // lanes that have exited
   unsigned present = 0;  // lanes that exist (block size not a multiple of 32)
 };
@@ -294,6 +327,7 @@ int syncthreads_reduce(int pred, int op) {
   b.bar_or |= pred != 0;
   b.bar_and &= pred != 0;
   b.bar_count += pred != 0;
+  SIMT_RELEASE(&b);
   f->t.sync_result = op;  // which result this thread wants, replaced at release
   if (b.live < b.nthreads)
     fail("deadlock: __syncthreads reached after %d thread(s) of the block exited; a thread "
@@ -302,9 +336,11 @@ int syncthreads_reduce(int pred, int op) {
   if (++b.bar_arrived == b.live) {
     const int r = op == 0 ? b.bar_or : op == 1 ? b.bar_and : b.bar_count;
     release_block_barrier(b);
+    SIMT_ACQUIRE(&b);
     return r;
   }
   block_here(f, State::kBarrier, "__syncthreads");
+  SIMT_ACQUIRE(&b);
   return f->t.sync_result;
 }
 
@@ -316,11 +352,14 @@ void cluster_sync() {
   if (c.live < static_cast<int>(c.fibers.size()))
     fail("deadlock: cluster.sync() reached after %d thread(s) of the cluster exited",
          static_cast<int>(c.fibers.size()) - c.live);
+  SIMT_RELEASE(&c.cl_arrived);
   if (++c.cl_arrived == c.live) {
     release_cluster_barrier(c);
+    SIMT_ACQUIRE(&c.cl_arrived);
     return;
   }
   block_here(f, State::kClusterBarrier, "cluster.sync()");
+  SIMT_ACQUIRE(&c.cl_arrived);
 }
 
 unsigned cluster_block_rank() { return self_fiber()->t.block->rank; }
@@ -364,15 +403,22 @@ void arrive(Fiber* f, const CollParams& proto, const void* in, size_t in_bytes) 
     fail("%s mask 0x%08x names lanes that have exited (0x%08x)", coll_name(proto.kind),
          proto.mask, w.exited & proto.mask);
   Collective* k = nullptr;
-  for (auto& p : w.pending)
-    if (p->p.kind == proto.kind && p->p.mask == proto.mask && !(p->arrived & bit)) {
-      k = p.get();
-      break;
-    }
+  int ki = -1;
+  for (int i = 0; i < kMaxPending; ++i) {
+    const Collective& p = w.slot[i];
+    if (w.seq[i] && p.p.kind == proto.kind && p.p.mask == proto.mask && !(p.arrived & bit) &&
+        (ki < 0 || w.seq[i] < w.seq[ki]))
+      ki = i;
+  }
+  if (ki >= 0) k = &w.slot[ki];
   if (!k) {
-    w.pending.push_back(std::make_unique<Collective>());
-    k = w.pending.back().get();
+    for (int i = 0; i < kMaxPending && ki < 0; ++i)
+      if (!w.seq[i]) ki = i;
+    if (ki < 0) fail("more than %d distinct warp collectives in flight in one warp", kMaxPending);
+    w.seq[ki] = w.next_seq++;
+    k = &w.slot[ki];
     k->p = proto;
+    k->arrived = 0;
   } else {
     const CollParams& q = k->p;
     if (q.bytes != proto.bytes || q.width != proto.width || q.shfl != proto.shfl ||
@@ -380,17 +426,13 @@ void arrive(Fiber* f, const CollParams& proto, const void* in, size_t in_bytes) 
         (q.kind == CollKind::kShfl && q.shfl != Shfl::kIdx && q.arg != proto.arg))
       fail("%s: lanes of one call disagree on its operands", coll_name(proto.kind));
   }
-  if (in_bytes) std::memcpy(k->in[f->t.lane], in, in_bytes);
+  if (in_bytes) raw_copy(k->in[f->t.lane], in, in_bytes);
   if (proto.kind == CollKind::kShfl && proto.shfl == Shfl::kIdx)
-    std::memcpy(k->in[f->t.lane] + 8, &proto.arg, sizeof(int));  // per-lane source lane
+    raw_copy(k->in[f->t.lane] + 8, &proto.arg, sizeof(int));  // per-lane source lane
   k->arrived |= bit;
   if (k->arrived == k->p.mask) {
     complete(c, b, f->t.warp, *k);
-    for (auto it = w.pending.begin(); it != w.pending.end(); ++it)
-      if (it->get() == k) {
-        w.pending.erase(it);
-        break;
-      }
+    w.seq[ki] = 0;
     return;
   }
   block_here(f, State::kWarp, coll_name(proto.kind));
@@ -438,10 +480,10 @@ void complete(Cluster& c, Block& b, int warp, Collective& k) {
         Fiber& dst = lane_fiber(c, b, warp, l);
         if (src < 0 || src > 31 || !(k.p.mask & (1u << src))) {
           const uint32_t p = poison32(l);  // reading a lane outside the mask is undefined
-          std::memcpy(dst.t.coll_result, &p, 4);
-          std::memcpy(dst.t.coll_result + 4, &p, 4);
+          raw_copy(dst.t.coll_result, &p, 4);
+          raw_copy(dst.t.coll_result + 4, &p, 4);
         } else {
-          std::memcpy(dst.t.coll_result, k.in[src], k.p.bytes);
+          raw_copy(dst.t.coll_result, k.in[src], k.p.bytes);
         }
       }
       break;
@@ -452,7 +494,7 @@ void complete(Cluster& c, Block& b, int warp, Collective& k) {
         if ((k.p.mask & (1u << l)) && k.in[l][0]) ballot |= 1u << l;
       const unsigned r = k.p.op == 0 ? ballot : k.p.op == 1 ? (ballot != 0) : (ballot == k.p.mask);
       for (int l = 0; l < 32; ++l)
-        if (k.p.mask & (1u << l)) std::memcpy(lane_fiber(c, b, warp, l).t.coll_result, &r, 4);
+        if (k.p.mask & (1u << l)) raw_copy(lane_fiber(c, b, warp, l).t.coll_result, &r, 4);
       break;
     }
     case CollKind::kSyncwarp: break;
@@ -484,7 +526,7 @@ void complete(Cluster& c, Block& b, int warp, Collective& k) {
           }
           out[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
         }
-        std::memcpy(lane_fiber(c, b, warp, l).t.coll_result, out, sizeof out);
+        raw_copy(lane_fiber(c, b, warp, l).t.coll_result, out, sizeof out);
       }
       break;
     }
@@ -533,7 +575,7 @@ void complete(Cluster& c, Block& b, int warp, Collective& k) {
       for (int l = 0; l < 32; ++l) {
         const int g = l / 4, t = l % 4;
         const float d[4] = {D[g][2 * t], D[g][2 * t + 1], D[g + 8][2 * t], D[g + 8][2 * t + 1]};
-        std::memcpy(lane_fiber(c, b, warp, l).t.coll_result, d, sizeof d);
+        raw_copy(lane_fiber(c, b, warp, l).t.coll_result, d, sizeof d);
       }
       break;
     }
@@ -556,7 +598,7 @@ void shfl(unsigned mask, const void* value, int bytes, int src, int width, Shfl 
   proto.width = width;
   proto.shfl = kind;
   arrive(f, proto, value, static_cast<size_t>(bytes));
-  std::memcpy(out, f->t.coll_result, static_cast<size_t>(bytes));
+  raw_copy(out, f->t.coll_result, static_cast<size_t>(bytes));
 }
 
 unsigned vote(unsigned mask, int pred, int op) {
@@ -567,14 +609,18 @@ unsigned vote(unsigned mask, int pred, int op) {
   const unsigned char p = pred != 0;
   arrive(f, proto, &p, 1);
   unsigned r;
-  std::memcpy(&r, f->t.coll_result, 4);
+  raw_copy(&r, f->t.coll_result, 4);
   return r;
 }
 
 void syncwarp(unsigned mask) {
+  Fiber* f = self_fiber();
   CollParams proto{CollKind::kSyncwarp};
   proto.mask = mask;
-  arrive(self_fiber(), proto, nullptr, 0);
+  Warp& w = f->t.block->warps[f->t.warp];
+  SIMT_RELEASE(&w);  // __syncwarp orders memory among the lanes it names
+  arrive(f, proto, nullptr, 0);
+  SIMT_ACQUIRE(&w);
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr, bool trans) {
@@ -582,8 +628,9 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr, bool trans) {
   CollParams proto{CollKind::kLdmatrix};
   proto.mask = 0xFFFFFFFFu;  // .sync.aligned: every lane of the warp
   proto.trans = trans;
+  SIMT_READ(row_addr, 16);  // this lane's row: the read a race check must see
   arrive(f, proto, &row_addr, sizeof(void*));
-  std::memcpy(r, f->t.coll_result, sizeof r);
+  raw_copy(r, f->t.coll_result, sizeof r);
 }
 
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaType t) {
@@ -592,12 +639,12 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   proto.mask = 0xFFFFFFFFu;
   proto.mma = t;
   unsigned char in[40];
-  std::memcpy(in, a, 16);
-  std::memcpy(in + 16, &b0, 4);
-  std::memcpy(in + 20, &b1, 4);
-  std::memcpy(in + 24, c, 16);
+  raw_copy(in, a, 16);
+  raw_copy(in + 16, &b0, 4);
+  raw_copy(in + 20, &b1, 4);
+  raw_copy(in + 24, c, 16);
   arrive(f, proto, in, sizeof in);
-  std::memcpy(c, f->t.coll_result, 16);
+  raw_copy(c, f->t.coll_result, 16);
 }
 
 float ex2_approx_ftz(float x) {
@@ -632,6 +679,8 @@ SharedAlloc* find_alloc(Block& b, const void* p, size_t bytes) {
 SharedAlloc& alloc_static(Block& b, const void* key, size_t bytes, size_t align) {
   for (SharedAlloc& a : b.smem)
     if (a.key == key) return a;
+  if (b.smem.size() > static_cast<size_t>(kMaxSharedVars))
+    fail("more than %d static shared variables", kMaxSharedVars);
   b.static_bytes += (bytes + align - 1) / align * align;
   const size_t dyn = b.smem.empty() ? 0 : b.smem[0].bytes;
   if (b.static_bytes > static_cast<size_t>(kMaxStaticSmem) ||
@@ -643,6 +692,7 @@ SharedAlloc& alloc_static(Block& b, const void* key, size_t bytes, size_t align)
   if (posix_memalign(&mem, std::max<size_t>(align, 16), bytes ? bytes : 1) != 0) std::abort();
   unsigned char* p = static_cast<unsigned char*>(mem);
   fill_garbage(*b.cluster, p, bytes);
+  SIMT_RELEASE(p);  // the allocation happens before any thread's use (static_shared acquires)
   b.smem.push_back(SharedAlloc{key, p, bytes});
   return b.smem.back();
 }
@@ -650,7 +700,9 @@ SharedAlloc& alloc_static(Block& b, const void* key, size_t bytes, size_t align)
 
 void* static_shared(const void* key, size_t bytes, size_t align) {
   Fiber* f = self_fiber();
-  return alloc_static(*f->t.block, key, bytes, align).ptr;
+  unsigned char* p = alloc_static(*f->t.block, key, bytes, align).ptr;
+  SIMT_ACQUIRE(p);
+  return p;
 }
 
 void* dynamic_shared() { return self_fiber()->t.block->smem[0].ptr; }
@@ -674,7 +726,9 @@ void* map_shared_rank(const void* addr, unsigned rank) {
          rank);
   const size_t off = static_cast<const unsigned char*>(addr) - a->ptr;
   if (a->key == nullptr) return o.smem[0].ptr + off;
-  return alloc_static(o, a->key, a->bytes, 16).ptr + off;
+  unsigned char* p = alloc_static(o, a->key, a->bytes, 16).ptr;
+  SIMT_ACQUIRE(p);
+  return p + off;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -706,9 +760,13 @@ void cp_async_wait(int n) {
   // The copies land only now: a read of the destination before this wait sees stale data.
   while (static_cast<int>(f->groups.size()) > n) {
     for (const Copy& c : f->groups.front()) {
-      if (c.src_size > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_size));
-      std::memset(static_cast<unsigned char*>(c.dst) + c.src_size, 0,
-                  static_cast<size_t>(c.cp_size - c.src_size));
+      if (c.src_size > 0) {
+        SIMT_READ(c.src, static_cast<unsigned long>(c.src_size));
+        raw_copy(c.dst, c.src, static_cast<size_t>(c.src_size));
+      }
+      SIMT_WRITE(c.dst, static_cast<unsigned long>(c.cp_size));  // lands now, by this thread
+      unsigned char* z = static_cast<unsigned char*>(c.dst);
+      for (int i = c.src_size; i < c.cp_size; ++i) z[i] = 0;
     }
     f->groups.pop_front();
   }
@@ -736,11 +794,11 @@ void thread_exit(Cluster& c, Fiber& f) {
   f.groups.clear();  // copies never waited for never land
   Warp& w = b.warps[f.t.warp];
   w.exited |= 1u << f.t.lane;
-  for (auto& k : w.pending)
-    if (k->p.mask & (1u << f.t.lane)) {
+  for (int i = 0; i < kMaxPending; ++i)
+    if (w.seq[i] && (w.slot[i].p.mask & (1u << f.t.lane))) {
       record_failure(*c.launch, "SIMT emulation: kernel " + c.launch->name + ", " + where(&f) +
                                     ": exited while named in the mask of a pending " +
-                                    coll_name(k->p.kind));
+                                    coll_name(w.slot[i].p.kind));
       c.failed = true;
     }
   --b.live;
@@ -756,8 +814,10 @@ void thread_exit(Cluster& c, Fiber& f) {
     record_failure(*c.launch, "SIMT emulation: kernel " + c.launch->name + ", " + where(&f) + buf);
     c.failed = true;
   }
+  SIMT_RELEASE(&b.exited);
   if (b.live == 0) {
     // The block is gone: its shared memory too (a later DSMEM access is a use after free).
+    SIMT_ACQUIRE(&b.exited);
     b.exited = true;
     for (SharedAlloc& a : b.smem) std::free(a.ptr);
     b.smem.clear();
@@ -768,7 +828,9 @@ void fiber_main(void* arg) {
   Fiber* f = static_cast<Fiber*>(arg);
   Cluster& c = *tls_cluster;
   context_started(f->ctx, c.sched);
+  SIMT_ACQUIRE(&c.launch);  // the launch's arguments and earlier launches' results
   c.launch->body(c.launch->closure);
+  SIMT_RELEASE(&c.live);    // this thread's writes, for whoever reads them after the launch
   thread_exit(c, *f);
   set_ready(c, fiber_index(c, f), false);
   context_switch(f->ctx, c.sched, true);
@@ -840,6 +902,7 @@ void run_cluster(LaunchState& L, u3 first_block, uint64_t seed) {
     b.nthreads = static_cast<int>(nt);
     b.live = static_cast<int>(nt);
     b.warps.resize((nt + 31) / 32);
+    b.smem.reserve(kMaxSharedVars + 1);  // no reallocation from inside kernel threads
     for (unsigned i = 0; i < nt; ++i) b.warps[i / 32].present |= 1u << (i % 32);
     // dynamic shared memory first (smem[0]), exact size, garbage-filled
     void* mem = nullptr;
@@ -861,6 +924,11 @@ void run_cluster(LaunchState& L, u3 first_block, uint64_t seed) {
   }
   c.live = static_cast<int>(c.fibers.size());
   c.cursor = g_config.schedule == 1 ? static_cast<int>(c.fibers.size()) - 1 : 0;
+#if defined(SPECRT_SIMT_TSAN)
+  c.sched.tsan = __tsan_get_current_fiber();
+  for (Fiber& f : c.fibers) f.ctx.tsan = __tsan_create_fiber(0);
+#endif
+  SIMT_RELEASE(&c.launch);
 
   while (!c.failed && !L.failed.load(std::memory_order_relaxed)) {
     const int i = pick(c);
@@ -879,6 +947,10 @@ void run_cluster(LaunchState& L, u3 first_block, uint64_t seed) {
     tls_current = nullptr;
     c.running = nullptr;
   }
+  SIMT_ACQUIRE(&c.live);
+#if defined(SPECRT_SIMT_TSAN)
+  for (Fiber& f : c.fibers) __tsan_destroy_fiber(f.ctx.tsan);
+#endif
   for (Fiber& f : c.fibers) {
     if (f.state != State::kDone) SIMT_UNPOISON(f.stack, kStackSize);  // abandoned mid-kernel
     tls_stacks.put(f.stack);
