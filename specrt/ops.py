@@ -374,7 +374,11 @@ def rejection_sample(target_logits, draft_tokens, parents, node_indptr, *, draft
               "parents: not a tree (need 0 <= parents[i] < i for every non-root node)")
         _need(bool(((tok[nr] >= 0) & (tok[nr] < vocab)).all()), f"draft_tokens out of [0, {vocab})")
         if draft_probs is not None:
-            _need(bool((par[nr] == local[nr] - 1).all()), "draft_probs are only supported for chains")
+            # Greedy sequences ignore draft_probs (they may branch); sampled ones verify q.
+            seq = torch.repeat_interleave(torch.arange(b), ip[1:] - ip[:-1])
+            sampled = (params[0].cpu() > 0)[seq] & nr
+            _need(bool((par[sampled] == local[sampled] - 1).all()),
+                  "draft_probs: the trees of sampled requests (temperature > 0) must be chains")
     if max_t is None or node_indptr.device.type == "cpu":
         t_max = int((node_indptr[1:] - node_indptr[:-1]).max())  # a host read of B+1 ints
         max_t = t_max if max_t is None else max_t

@@ -159,3 +159,22 @@ def test_import_is_cheap_and_gpu_free():
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_draft_probs_with_greedy_branching_trees(monkeypatch):
+    """A mixed batch (engine: greedy trees beside sampled chains with draft probabilities)
+    passes the op and the wrapper's strict value checks; a sampled branching tree with
+    probabilities is refused by both."""
+    logits = torch.randn(7, 11)
+    tokens = torch.randint(0, 11, (7,), dtype=torch.int32)
+    parents = torch.tensor([-1, 0, 0, 1, -1, 0, 1], dtype=torch.int32)  # tree (greedy), chain
+    indptr = torch.tensor([0, 4, 7], dtype=torch.int32)
+    q = torch.softmax(torch.randn(7, 11), -1)
+    for strict in (False, True):
+        monkeypatch.setattr(ops, "strict_checks", strict)
+        out = ops.rejection_sample(logits, tokens, parents, indptr, draft_probs=q,
+                                   temperature=torch.tensor([0.0, 0.8]), seed=1)
+        assert int(out.num_accepted[0]) >= 0 and int(out.num_accepted[1]) >= 0
+        with pytest.raises(SpecrtInputError if strict else RuntimeError, match="chains"):
+            ops.rejection_sample(logits, tokens, parents, indptr, draft_probs=q,
+                                 temperature=torch.tensor([0.7, 0.8]), seed=1)
