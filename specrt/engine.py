@@ -42,8 +42,12 @@ class SamplingParams:
     """Per-request generation parameters.
 
     temperature 0 is greedy. ``top_k <= 0`` and ``top_p >= 1`` are off. ``seed`` keys the
-    request's Philox stream (random when None): the same seed gives the same output whatever
-    else is in the batch. Generation stops at ``max_new_tokens``, at an eos / ``stop_token_ids``
+    request's Philox stream (random when None): the uniforms depend on the seed and the
+    request's own step count only, never on the batch. The output is therefore batch-independent
+    up to floating-point effects: the batch changes the GEMM shapes, which can change logits in
+    their last bits, and a token flips when a uniform falls within that rounding of a
+    probability boundary (or, at temperature 0, at a near-tie). Seen with bf16 on CPU; fp32 on
+    CPU has matched exactly in the tests. Generation stops at ``max_new_tokens``, at an eos / ``stop_token_ids``
     token (kept in ``token_ids``, not in the text), or at a ``stop`` string (text cut before it).
     """
 
