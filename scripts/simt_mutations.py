@@ -147,8 +147,15 @@ def run(name, path, old, new, tests, timeout):
                             "-p", "no:cacheprovider", tests, "test_simt_races.py"],
                            cwd=ROOT / "tests", capture_output=True, text=True, timeout=timeout)
         out = r.stdout.strip().splitlines()
-        verdict = "caught" if r.returncode != 0 else "MISSED"
         detail = out[-1] if out else ""
+        # Only failing tests count: an error (a mutant that does not build, an import
+        # failure) proves nothing about the suite.
+        if r.returncode == 0:
+            verdict = "MISSED"
+        elif r.returncode == 1 and " failed" in detail:
+            verdict = "caught"
+        else:
+            verdict = f"INVALID (pytest exit {r.returncode})"
     except subprocess.TimeoutExpired:
         verdict, detail = "caught (timeout)", ""
     finally:
@@ -170,7 +177,7 @@ def main():
             print(name)
             continue
         verdict, secs = run(name, path, old, new, tests, args.timeout)
-        missed += verdict.startswith(("MISSED", "NOT"))
+        missed += verdict.startswith(("MISSED", "NOT", "INVALID"))
         print(f"{name}\n    -> {verdict} ({secs:.0f} s)", flush=True)
     # rebuild the unmutated library so later runs do not start from a mutant's objects
     subprocess.run([sys.executable, "-c", "import simt_backend; simt_backend.build()"],
