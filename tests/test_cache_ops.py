@@ -152,6 +152,60 @@ def make_append_case(seed, num_tokens, page_size, num_pages=9, num_kv_heads=3, h
     return kv, layer, k, v, torch.tensor(slots, dtype=torch.int64)
 
 
+# ---- case tables shared by the CUDA tests (test_cache_ops_gpu.py) and the emulated CUDA
+# kernels (test_simt_cache.py) ----
+
+APPEND_GRID = dict(page_size=[1, 16, 128], num_tokens=[1, 3, 17],
+                   layout=["contiguous", "padded", "page_major"])
+APPEND_WIDTHS = [(128, torch.float16), (256, torch.float32), (3, torch.float16),
+                 (5, torch.float32), (64, torch.bfloat16)]
+ROLLBACK_WIDTHS = [(128, torch.float16), (256, torch.float32), (64, torch.bfloat16),
+                   (3, torch.float16)]
+
+
+def append_grid_case(dtype, page_size, num_tokens, layout):
+    seed = DTYPES.index(dtype) * 1000 + page_size * 10 + num_tokens + len(layout)
+    return make_append_case(seed, num_tokens, page_size, num_pages=max(2, 40 // page_size),
+                            dtype=dtype, layout=layout)
+
+
+def rollback_random_trees_case(dtype, page_size, batch):
+    rng = random.Random(batch * 31 + page_size)
+    sizes = [rng.choice([1, 2, 7, 64, rng.randint(1, 64)]) for _ in range(batch)]
+    return make_rollback_case(batch * 7 + page_size, batch, page_size, sizes, kind="mixed",
+                              dtype=dtype, num_layers=3, num_kv_heads=5, head_dim=16)
+
+
+def rollback_layout_case(layout, head_dim, dtype):
+    return make_rollback_case(head_dim, 5, 16, [64, 7, 33, 2, 20], kind="tree", dtype=dtype,
+                              layout=layout, num_layers=2, num_kv_heads=2, head_dim=head_dim)
+
+
+def rollback_many_rounds_case(num_layers=8):
+    """Long jumping paths (sources and destinations of one sequence overlap): several stage
+    rounds per block, round boundaries inside entries."""
+    kv, bt, lens, path, na = make_rollback_case(3, 2, 16, [64, 64], kind="chain",
+                                                num_layers=num_layers, num_kv_heads=4,
+                                                head_dim=128, dtype=torch.float16)
+    path.fill_(-1)
+    for b, p in enumerate([[0] + list(range(2, 64)), list(range(0, 64, 2))]):
+        path[b, :len(p)] = torch.tensor(p, dtype=torch.int32)
+        na[b] = len(p) - 1
+    return kv, bt, lens, path, na
+
+
+def rollback_unit_split_case(num_layers, num_kv_heads):
+    return make_rollback_case(num_layers * 10 + num_kv_heads, 4, 16, [7, 64, 12, 30],
+                              kind="tree", num_layers=num_layers, num_kv_heads=num_kv_heads,
+                              head_dim=64, dtype=torch.bfloat16)
+
+
+def rollback_big_offset_table_case():
+    """max_T = 4000: the kernel's (src, dst) offset table needs 64 KB of shared memory."""
+    return make_rollback_case(77, 2, 16, [300, 9], kind="tree", num_layers=1, num_kv_heads=1,
+                              head_dim=8, dtype=torch.float16, max_t=4000)
+
+
 def run_append_both(kv, layer, k, v, slots, op=None):
     op = op or OPS.append_kv
     kv_op, kv_ref = kv.clone(), kv.clone()

@@ -12,9 +12,12 @@ import torch
 from specrt import reference as ref
 from specrt._ext import has_cuda_kernels
 
-from test_cache_ops import (DTYPES, OPS, _bad_rollback, assert_same_bits, bits,
+from test_cache_ops import (APPEND_GRID, APPEND_WIDTHS, DTYPES, OPS, ROLLBACK_WIDTHS,
+                            _bad_rollback, append_grid_case, assert_same_bits, bits,
                             make_append_case, make_rollback_case, random_parents,
-                            walk_to_root)
+                            rollback_big_offset_table_case, rollback_layout_case,
+                            rollback_many_rounds_case, rollback_random_trees_case,
+                            rollback_unit_split_case, walk_to_root)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -64,14 +67,11 @@ def check_rollback_three(case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("page_size", [1, 16, 128])
-@pytest.mark.parametrize("num_tokens", [1, 3, 17])
-@pytest.mark.parametrize("layout", ["contiguous", "padded", "page_major"])
+@pytest.mark.parametrize("page_size", APPEND_GRID["page_size"])
+@pytest.mark.parametrize("num_tokens", APPEND_GRID["num_tokens"])
+@pytest.mark.parametrize("layout", APPEND_GRID["layout"])
 def test_append_kv_cuda(dtype, page_size, num_tokens, layout):
-    seed = DTYPES.index(dtype) * 1000 + page_size * 10 + num_tokens + len(layout)
-    kv, layer, k, v, slots = make_append_case(seed, num_tokens, page_size,
-                                              num_pages=max(2, 40 // page_size), dtype=dtype,
-                                              layout=layout)
+    kv, layer, k, v, slots = append_grid_case(dtype, page_size, num_tokens, layout)
     kv_g = cuda_like(kv.clone())
     OPS.append_kv(cuda_like(k), cuda_like(v), kv_g[layer, 0], kv_g[layer, 1], slots.cuda())
     kv_c = kv.clone()
@@ -82,9 +82,7 @@ def test_append_kv_cuda(dtype, page_size, num_tokens, layout):
     assert_same_bits(kv_g.cpu(), kv_r, "cuda op")
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(128, torch.float16), (256, torch.float32),
-                                            (3, torch.float16), (5, torch.float32),
-                                            (64, torch.bfloat16)])
+@pytest.mark.parametrize("head_dim,dtype", APPEND_WIDTHS)
 def test_append_kv_cuda_sizes(head_dim, dtype):
     # Many tokens (grid-stride, several rows per block), odd head dims (narrow vectors).
     kv, layer, k, v, slots = make_append_case(head_dim, 700, 16, num_pages=64, num_kv_heads=4,
@@ -126,42 +124,23 @@ def test_append_kv_cuda_opcheck():
 @pytest.mark.parametrize("page_size", [1, 16, 128])
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_rollback_cuda_random_trees(dtype, page_size, batch):
-    rng = random.Random(batch * 31 + page_size)
-    sizes = [rng.choice([1, 2, 7, 64, rng.randint(1, 64)]) for _ in range(batch)]
-    case = make_rollback_case(batch * 7 + page_size, batch, page_size, sizes, kind="mixed",
-                              dtype=dtype, num_layers=3, num_kv_heads=5, head_dim=16)
-    check_rollback_three(case)
+    check_rollback_three(rollback_random_trees_case(dtype, page_size, batch))
 
 
 @pytest.mark.parametrize("layout", ["padded", "page_major"])
-@pytest.mark.parametrize("head_dim,dtype", [(128, torch.float16), (256, torch.float32),
-                                            (64, torch.bfloat16), (3, torch.float16)])
+@pytest.mark.parametrize("head_dim,dtype", ROLLBACK_WIDTHS)
 def test_rollback_cuda_layouts_and_widths(layout, head_dim, dtype):
-    case = make_rollback_case(head_dim, 5, 16, [64, 7, 33, 2, 20], kind="tree", dtype=dtype,
-                              layout=layout, num_layers=2, num_kv_heads=2, head_dim=head_dim)
-    check_rollback_three(case)
+    check_rollback_three(rollback_layout_case(layout, head_dim, dtype))
 
 
 def test_rollback_cuda_many_rounds():
-    # Long jumping paths with many units per block: each block needs several stage rounds, and
-    # rounds boundaries fall inside entries.
-    kv, bt, lens, path, na = make_rollback_case(3, 2, 16, [64, 64], kind="chain", num_layers=8,
-                                                num_kv_heads=4, head_dim=128,
-                                                dtype=torch.float16)
-    path.fill_(-1)
-    for b, p in enumerate([[0] + list(range(2, 64)), list(range(0, 64, 2))]):
-        path[b, :len(p)] = torch.tensor(p, dtype=torch.int32)
-        na[b] = len(p) - 1
-    check_rollback_three((kv, bt, lens, path, na))
+    check_rollback_three(rollback_many_rounds_case(num_layers=8))
 
 
 @pytest.mark.parametrize("num_layers,num_kv_heads", [(1, 1), (1, 3), (2, 2), (32, 8)])
 def test_rollback_cuda_unit_splits(num_layers, num_kv_heads):
     # Cluster sizes 2 .. 8 and uneven unit shares per block.
-    case = make_rollback_case(num_layers * 10 + num_kv_heads, 4, 16, [7, 64, 12, 30],
-                              kind="tree", num_layers=num_layers, num_kv_heads=num_kv_heads,
-                              head_dim=64, dtype=torch.bfloat16)
-    check_rollback_three(case)
+    check_rollback_three(rollback_unit_split_case(num_layers, num_kv_heads))
 
 
 def test_rollback_cuda_chain_and_rejected_move_nothing():
@@ -283,7 +262,4 @@ def test_graph_replay_equals_eager():
 
 
 def test_rollback_cuda_offset_table_above_48k_shared_memory():
-    """max_T = 4000: the (src, dst) offset table takes 64 KB of dynamic shared memory."""
-    case = make_rollback_case(77, 2, 16, [300, 9], kind="tree", num_layers=1, num_kv_heads=1,
-                              head_dim=8, dtype=torch.float16, max_t=4000)
-    check_rollback_three(case)
+    check_rollback_three(rollback_big_offset_table_case())

@@ -144,60 +144,83 @@ def test_sample_bit_exact_vs_cpu(dtype, n, vocab):
         assert torch.equal(ct, gt) and torch.equal(cp, gp)
 
 
-def test_uniform_extremes_and_residual_fallbacks_bit_exact():
+def uniform_extreme_cases(big_tree=64):
+    """run_rs arguments (after the device) at the edges: uniforms 0, 1 - 2^-24 and 1 on trees,
+    and p == q chains (forced rejection with u = 1: empty residual -> fallback to p). Shared
+    with the emulated kernel's test (test_simt_sampling.py)."""
     gen = torch.Generator().manual_seed(5)
-    sizes = [7, 7, 64, 2, 5]
+    sizes = [7, 7, big_tree, 2, 5]
     logits, tokens, parents, indptr = tree_batch(sizes, 111, gen)
     prm = req(len(sizes), gen, greedy_every=100)
     total = int(indptr[-1])
     for fill in (0.0, 1.0 - 2.0**-24, 1.0):
-        u = torch.full((total,), fill)
-        cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, u, 64)
-        gpu = run_rs("cuda", logits, tokens, parents, indptr, None, prm, u, 64)
-        for a, b in zip(cpu, gpu):
-            assert torch.equal(a, b)
-    # p == q chains (forced rejection with u = 1: empty residual -> fallback to p)
+        yield logits, tokens, parents, indptr, None, prm, torch.full((total,), fill), big_tree
     logits, tokens, parents, indptr = tree_batch([4, 4], 64, gen, chain=True)
     q = torch.softmax(logits, -1)  # equal to p exactly for dyadic logits
     for u in (torch.full((8,), 1.0), torch.rand(8, generator=gen)):
-        cpu = run_rs("cpu", logits, tokens, parents, indptr, q, [x[:2] for x in prm], u, 4)
-        gpu = run_rs("cuda", logits, tokens, parents, indptr, q, [x[:2] for x in prm], u, 4)
-        for a, b in zip(cpu, gpu):
+        yield logits, tokens, parents, indptr, q, [x[:2] for x in prm], u, 4
+
+
+def test_uniform_extremes_and_residual_fallbacks_bit_exact():
+    for args in uniform_extreme_cases():
+        for a, b in zip(run_rs("cpu", *args), run_rs("cuda", *args)):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("batch,vocab", [(1, 151936), (3, 32000), (17, 111)])
-def test_vs_reference_non_dyadic(batch, vocab):
+def check_vs_reference_non_dyadic(batch, vocab, rs, smp):
+    """Non-dyadic logits vs the reference where every decision is away from its boundary; `rs`
+    and `smp` run rejection_sample / sample on a device (run_rs / run_sample arguments after
+    the device). Shared with the emulated kernel's test."""
     gen = torch.Generator().manual_seed(batch + vocab)
     sizes = [[7, 2, 16, 1][i % 4] for i in range(batch)]
     logits, tokens, parents, indptr = tree_batch(sizes, vocab, gen, dyadic=False)
     prm = req(batch, gen)
-    gpu = run_rs("cuda", logits, tokens, parents, indptr, None, prm, None, max(sizes))
+    dev = rs(logits, tokens, parents, indptr, None, prm, None, max(sizes))
     rt, rp, rn, margin = R._rejection_sample_impl(logits, tokens, parents, indptr, None, *prm)
     safe = margin > EPS
     assert int(safe.sum()) >= math.floor(0.75 * batch)
-    assert torch.equal(gpu[0][safe], rt[safe]) and torch.equal(gpu[1][safe], rp[safe])
-    assert torch.equal(gpu[2][safe], rn[safe])
+    assert torch.equal(dev[0][safe], rt[safe]) and torch.equal(dev[1][safe], rp[safe])
+    assert torch.equal(dev[2][safe], rn[safe])
     st, sp, sm = R._sample_impl(logits[:batch], *prm, None)
-    gt, gp = run_sample("cuda", logits[:batch], prm, None)
+    dt, dp = smp(logits[:batch], prm, None)
     ok = sm > EPS
-    assert torch.equal(gt[ok], st[ok])
-    torch.testing.assert_close(gp[ok], sp[ok], rtol=2e-5, atol=1e-7)
+    assert torch.equal(dt[ok], st[ok])
+    torch.testing.assert_close(dp[ok], sp[ok], rtol=2e-5, atol=1e-7)
 
 
-def test_invalid_rows_gpu():
+def check_invalid_rows(rs, smp):
+    """NaN / +inf / all -inf rows: the sequence (row) yields -1, the others are unaffected,
+    bit-exact vs the CPU op."""
     gen = torch.Generator().manual_seed(6)
     logits, tokens, parents, indptr = tree_batch([3, 3, 3, 3], 50, gen, dyadic=False)
     logits[1, 4] = float("nan")
     logits[3 + 2, 0] = float("inf")
     logits[6] = NEG_INF
     prm = req(4, gen)
-    gpu = run_rs("cuda", logits, tokens, parents, indptr, None, prm, None, 5)
+    dev = rs(logits, tokens, parents, indptr, None, prm, None, 5)
     cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, None, 5)
-    assert gpu[2][:3].tolist() == [-1, -1, -1] and int(gpu[2][3]) >= 0
-    assert torch.equal(gpu[0][:3], cpu[0][:3]) and (gpu[0][:3] == -1).all()
-    tok, probs = run_sample("cuda", logits[:4], req(4, gen), None)
+    assert dev[2][:3].tolist() == [-1, -1, -1] and int(dev[2][3]) >= 0
+    for a, b in zip(cpu, dev):
+        assert torch.equal(a, b)
+    tok, probs = smp(logits[:4], req(4, gen), None)
     assert tok[1] == -1 and (probs[1] == 0).all()
+
+
+def _cuda_rs(*args):
+    return run_rs("cuda", *args)
+
+
+def _cuda_sample(*args):
+    return run_sample("cuda", *args)
+
+
+@pytest.mark.parametrize("batch,vocab", [(1, 151936), (3, 32000), (17, 111)])
+def test_vs_reference_non_dyadic(batch, vocab):
+    check_vs_reference_non_dyadic(batch, vocab, _cuda_rs, _cuda_sample)
+
+
+def test_invalid_rows_gpu():
+    check_invalid_rows(_cuda_rs, _cuda_sample)
 
 
 def test_cuda_graph_replay_equals_eager():

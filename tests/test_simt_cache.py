@@ -7,15 +7,17 @@ invalid sequences, and a max_T whose offset table needs more than 48 KB of share
 """
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 import simt_backend as sb
 from specrt import reference as ref
-from test_cache_ops import (DTYPES, OPS, _bad_rollback, assert_same_bits, make_append_case,
-                            make_rollback_case)
+from test_cache_ops import (APPEND_GRID, APPEND_WIDTHS, DTYPES, OPS, ROLLBACK_WIDTHS,
+                            _bad_rollback, append_grid_case, assert_same_bits, make_append_case,
+                            make_rollback_case, rollback_big_offset_table_case,
+                            rollback_layout_case, rollback_many_rounds_case,
+                            rollback_random_trees_case, rollback_unit_split_case)
 
 pytestmark = pytest.mark.emulated
 
@@ -55,14 +57,11 @@ def check_rollback(case, *, schedules=("in_order", "reversed"), num_sms=132, na_
 # ---- append_kv ----
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("page_size", [1, 16, 128])
-@pytest.mark.parametrize("num_tokens", [1, 3, 17])
-@pytest.mark.parametrize("layout", ["contiguous", "padded", "page_major"])
+@pytest.mark.parametrize("page_size", APPEND_GRID["page_size"])
+@pytest.mark.parametrize("num_tokens", APPEND_GRID["num_tokens"])
+@pytest.mark.parametrize("layout", APPEND_GRID["layout"])
 def test_append_kv(dtype, page_size, num_tokens, layout):
-    seed = DTYPES.index(dtype) * 1000 + page_size * 10 + num_tokens + len(layout)
-    kv, layer, k, v, slots = make_append_case(seed, num_tokens, page_size,
-                                              num_pages=max(2, 40 // page_size), dtype=dtype,
-                                              layout=layout)
+    kv, layer, k, v, slots = append_grid_case(dtype, page_size, num_tokens, layout)
     kv_r = kv.clone()
     ref.append_kv(k, v, kv_r[layer, 0], kv_r[layer, 1], slots)
     for s in ("in_order", "reversed"):
@@ -72,9 +71,7 @@ def test_append_kv(dtype, page_size, num_tokens, layout):
         assert_same_bits(kv_e, kv_r, f"emulated append_kv ({s})")
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(128, torch.float16), (256, torch.float32),
-                                            (3, torch.float16), (5, torch.float32),
-                                            (64, torch.bfloat16)])
+@pytest.mark.parametrize("head_dim,dtype", APPEND_WIDTHS)
 def test_append_kv_sizes(head_dim, dtype):
     """Many tokens (several rows per block, every vector width 16/8/4/2/1 bytes)."""
     kv, layer, k, v, slots = make_append_case(head_dim, 300, 16, num_pages=32, num_kv_heads=4,
@@ -104,33 +101,18 @@ def test_append_kv_skips_out_of_range_slots():
 @pytest.mark.parametrize("page_size", [1, 16, 128])
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_rollback_random_trees(dtype, page_size, batch):
-    rng = random.Random(batch * 31 + page_size)
-    sizes = [rng.choice([1, 2, 7, 64, rng.randint(1, 64)]) for _ in range(batch)]
-    case = make_rollback_case(batch * 7 + page_size, batch, page_size, sizes, kind="mixed",
-                              dtype=dtype, num_layers=3, num_kv_heads=5, head_dim=16)
-    check_rollback(case)
+    check_rollback(rollback_random_trees_case(dtype, page_size, batch))
 
 
 @pytest.mark.parametrize("layout", ["padded", "page_major"])
-@pytest.mark.parametrize("head_dim,dtype", [(128, torch.float16), (256, torch.float32),
-                                            (64, torch.bfloat16), (3, torch.float16)])
+@pytest.mark.parametrize("head_dim,dtype", ROLLBACK_WIDTHS)
 def test_rollback_layouts_and_widths(layout, head_dim, dtype):
-    case = make_rollback_case(head_dim, 5, 16, [64, 7, 33, 2, 20], kind="tree", dtype=dtype,
-                              layout=layout, num_layers=2, num_kv_heads=2, head_dim=head_dim)
-    check_rollback(case)
+    check_rollback(rollback_layout_case(layout, head_dim, dtype))
 
 
 def test_rollback_many_rounds_overlapping():
-    """Long jumping paths: sources and destinations of one sequence overlap, each block needs
-    several stage rounds, round boundaries fall inside entries."""
-    kv, bt, lens, path, na = make_rollback_case(3, 2, 16, [64, 64], kind="chain", num_layers=4,
-                                                num_kv_heads=4, head_dim=128,
-                                                dtype=torch.float16)
-    path.fill_(-1)
-    for b, p in enumerate([[0] + list(range(2, 64)), list(range(0, 64, 2))]):
-        path[b, :len(p)] = torch.tensor(p, dtype=torch.int32)
-        na[b] = len(p) - 1
-    check_rollback((kv, bt, lens, path, na), schedules=("in_order", "reversed", "random"))
+    check_rollback(rollback_many_rounds_case(num_layers=4),
+                   schedules=("in_order", "reversed", "random"))
 
 
 @pytest.mark.parametrize("num_layers,num_kv_heads,num_sms,cluster",
@@ -139,9 +121,7 @@ def test_rollback_many_rounds_overlapping():
 def test_rollback_cluster_widths(num_layers, num_kv_heads, num_sms, cluster):
     """Cluster sizes 1..8 with uneven unit shares per block; cluster.sync orders every
     block's read of the committed length before rank 0 updates it."""
-    case = make_rollback_case(num_layers * 10 + num_kv_heads, 4, 16, [7, 64, 12, 30],
-                              kind="tree", num_layers=num_layers, num_kv_heads=num_kv_heads,
-                              head_dim=64, dtype=torch.bfloat16)
+    case = rollback_unit_split_case(num_layers, num_kv_heads)
     _, _, launch = check_rollback(case, schedules=("in_order", "reversed", "random"),
                                   num_sms=num_sms)
     assert launch["cluster"][0] == cluster
@@ -170,7 +150,5 @@ def test_rollback_skips_invalid_sequences():
 
 def test_rollback_offset_table_above_48k_shared_memory():
     """max_T = 4000: the (src, dst) offset table takes 64 KB of dynamic shared memory."""
-    case = make_rollback_case(77, 2, 16, [300, 9], kind="tree", num_layers=1, num_kv_heads=1,
-                              head_dim=8, dtype=torch.float16, max_t=4000)
-    _, _, launch = check_rollback(case, schedules=("in_order",))
+    _, _, launch = check_rollback(rollback_big_offset_table_case(), schedules=("in_order",))
     assert launch["smem"] > 48 * 1024

@@ -10,14 +10,14 @@ dynamic shared memory exceeds 48 KB. Cases run under two schedules and must agre
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 import simt_backend as sb
-from specrt import reference as R
-from test_sampling_gpu import EPS, NEG_INF, dyadic_q, req, run_rs, run_sample, tree_batch
+from test_sampling_gpu import (NEG_INF, check_invalid_rows, check_vs_reference_non_dyadic,
+                               dyadic_q, req, run_rs, run_sample, tree_batch,
+                               uniform_extreme_cases)
 
 pytestmark = pytest.mark.emulated
 
@@ -113,59 +113,18 @@ def test_sample_bit_exact_vs_cpu(n, vocab, num_sms, cluster, dtype):
 
 
 def test_uniform_extremes_and_residual_fallbacks_bit_exact():
-    gen = torch.Generator().manual_seed(5)
-    sizes = [7, 7, 16, 2, 5]
-    logits, tokens, parents, indptr = tree_batch(sizes, 111, gen)
-    prm = req(len(sizes), gen, greedy_every=100)
-    total = int(indptr[-1])
-    for fill in (0.0, 1.0 - 2.0**-24, 1.0):
-        u = torch.full((total,), fill)
-        cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, u, 16)
-        emu = emu_rs(logits, tokens, parents, indptr, None, prm, u, 16)
-        for a, b in zip(cpu, emu):
-            assert torch.equal(a, b)
-    logits, tokens, parents, indptr = tree_batch([4, 4], 64, gen, chain=True)
-    q = torch.softmax(logits, -1)  # equal to p exactly for dyadic logits: empty residual
-    for u in (torch.full((8,), 1.0), torch.rand(8, generator=gen)):
-        cpu = run_rs("cpu", logits, tokens, parents, indptr, q, [x[:2] for x in prm], u, 4)
-        emu = emu_rs(logits, tokens, parents, indptr, q, [x[:2] for x in prm], u, 4)
-        for a, b in zip(cpu, emu):
+    for args in uniform_extreme_cases(big_tree=16):
+        for a, b in zip(run_rs("cpu", *args), emu_rs(*args)):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("batch,vocab,num_sms", [(1, 20000, 132), (3, 3000, 132), (7, 111, 132)])
-def test_vs_reference_non_dyadic(batch, vocab, num_sms):
-    gen = torch.Generator().manual_seed(batch + vocab)
-    sizes = [[7, 2, 16, 1][i % 4] for i in range(batch)]
-    logits, tokens, parents, indptr = tree_batch(sizes, vocab, gen, dyadic=False)
-    prm = req(batch, gen)
-    emu = emu_rs(logits, tokens, parents, indptr, None, prm, None, max(sizes), num_sms=num_sms)
-    rt, rp, rn, margin = R._rejection_sample_impl(logits, tokens, parents, indptr, None, *prm)
-    safe = margin > EPS
-    assert int(safe.sum()) >= math.floor(0.75 * batch)
-    assert torch.equal(emu[0][safe], rt[safe]) and torch.equal(emu[1][safe], rp[safe])
-    assert torch.equal(emu[2][safe], rn[safe])
-    st, sp, sm = R._sample_impl(logits[:batch], *prm, None)
-    et, ep = emu_sample(logits[:batch], prm, None, num_sms=num_sms)
-    ok = sm > EPS
-    assert torch.equal(et[ok], st[ok])
-    torch.testing.assert_close(ep[ok], sp[ok], rtol=2e-5, atol=1e-7)
+@pytest.mark.parametrize("batch,vocab", [(1, 20000), (3, 3000), (7, 111)])
+def test_vs_reference_non_dyadic(batch, vocab):
+    check_vs_reference_non_dyadic(batch, vocab, emu_rs, emu_sample)
 
 
 def test_invalid_rows():
-    gen = torch.Generator().manual_seed(6)
-    logits, tokens, parents, indptr = tree_batch([3, 3, 3, 3], 50, gen, dyadic=False)
-    logits[1, 4] = float("nan")
-    logits[3 + 2, 0] = float("inf")
-    logits[6] = NEG_INF
-    prm = req(4, gen)
-    emu = emu_rs(logits, tokens, parents, indptr, None, prm, None, 5)
-    cpu = run_rs("cpu", logits, tokens, parents, indptr, None, prm, None, 5)
-    assert emu[2][:3].tolist() == [-1, -1, -1] and int(emu[2][3]) >= 0
-    for a, b in zip(cpu, emu):
-        assert torch.equal(a, b)
-    tok, probs = emu_sample(logits[:4], req(4, gen), None)
-    assert tok[1] == -1 and (probs[1] == 0).all()
+    check_invalid_rows(emu_rs, emu_sample)
 
 
 def test_big_tree_needs_more_than_48k_shared_memory():
