@@ -84,7 +84,7 @@ def humaneval_prompts(n: int) -> list[str]:
 
 def run_engine(engine: Engine, prompts, params, chat: bool):
     engine.generate([prompts[0]], SamplingParams(max_new_tokens=4), chat=chat)  # warm-up
-    outs, steps, acc, prop, hist, gen = [], 0, 0, 0, [], 0
+    outs, steps, acc, prop, hist, gen, host_ms = [], 0, 0, 0, [], 0, 0.0
     t0 = time.perf_counter()
     for p in prompts:
         o = engine.generate([p], params, chat=chat)[0]
@@ -93,6 +93,7 @@ def run_engine(engine: Engine, prompts, params, chat: bool):
         outs.append(o.token_ids)
         m = engine.metrics
         steps += sum(m.depth_hist)
+        host_ms += m.host_ms_per_step * m.steps
         acc += m.accepted
         prop += m.proposed
         gen += m.generated
@@ -105,6 +106,8 @@ def run_engine(engine: Engine, prompts, params, chat: bool):
         "generated": gen, "wall_s": wall, "tokens_per_s": gen / wall,
         "mean_accepted_length": (acc + steps) / steps if steps else 0.0,
         "acceptance_rate": acc / prop if prop else 0.0, "depth_hist": hist,
+        # engine time per verify step outside the target's forward (RunMetrics.host_ms_per_step)
+        "host_ms_per_step": host_ms / steps if steps else 0.0,
     }
 
 
@@ -321,6 +324,7 @@ def main(argv=None):
                 result["runs"].append(row)
                 print(f"{set_name:9s} T={temp:<4} {name:10s} {row['tokens_per_s']:7.1f} tok/s  "
                       f"x{row.get('speedup_vs_plain', 1):.2f}  mean acc len {row['mean_accepted_length']:.2f}"
+                      f"  host {row['host_ms_per_step']:.3f} ms/step"
                       + (f"  greedy==plain {row.get('greedy_prompts_identical')}" if temp == 0 else ""), flush=True)
             if args.hf and temp == 0:
                 for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path,

@@ -29,6 +29,9 @@ class AttentionMetadata:
         Packed visibility among the new tokens (docs/ops.md); None = causal (chains, prompts).
     plan, workspace : optional
         CUDA split-KV plan / scratch from ``specrt.ops.plan_tree_attention`` (None on CPU).
+    trusted : bool
+        Built by specrt (``kv_cache.build_metadata``): the model skips the ops' Python-side
+        checks for it. False (the default) for metadata built elsewhere.
     """
 
     qo_indptr: torch.Tensor
@@ -38,6 +41,7 @@ class AttentionMetadata:
     mask: Optional[torch.Tensor] = None
     plan: Optional[torch.Tensor] = None
     workspace: Optional[torch.Tensor] = None
+    trusted: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -390,4 +390,5 @@ def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
         mask=mask,
         plan=plan,
         workspace=workspace,
+        trusted=True,
     )

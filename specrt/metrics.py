@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PHASES = ("prefill", "propose", "verify", "sample", "rollback", "commit", "host")
+# Steps' phases; "target" (the target model's forward inside "verify") is kept apart so that
+# the engine's own host time per step can be reported.
+STEP_PHASES = ("propose", "verify", "sample", "rollback", "commit", "host")
 
 
 @dataclass(slots=True)
@@ -56,6 +59,7 @@ class RunMetrics:
     accepted: int = 0
     wall_s: float = 0.0
     phase_s: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    target_s: float = 0.0  # the target model's forward in verify steps
     depth_hist: list = field(default_factory=list)
     preemptions: int = 0
     bandwidth: dict = field(default_factory=dict)
@@ -84,6 +88,16 @@ class RunMetrics:
         steps = sum(self.depth_hist)
         return (self.accepted + steps) / steps if steps else 0.0
 
+    @property
+    def host_ms_per_step(self) -> float:
+        """Wall time per verify step outside the target model's forward (proposing, tree
+        batching, metadata, sampling, rollback, bookkeeping; a drafting model's forwards
+        included). On CUDA it is only meaningful with ``Engine(profile=True)`` (synced)."""
+        if not self.steps:
+            return 0.0
+        step_s = sum(self.phase_s[p] for p in STEP_PHASES)
+        return 1e3 * (step_s - self.target_s) / self.steps
+
     def summary(self) -> str:
         s = (f"{self.generated} tokens in {self.wall_s:.2f} s ({self.tokens_per_s:.1f} tok/s), "
              f"{self.requests} request(s)")
@@ -99,6 +113,7 @@ class RunMetrics:
             "proposed": self.proposed, "accepted": self.accepted,
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length, "depth_hist": list(self.depth_hist),
-            "phase_s": dict(self.phase_s), "preemptions": self.preemptions,
+            "phase_s": dict(self.phase_s), "target_s": self.target_s,
+            "host_ms_per_step": self.host_ms_per_step, "preemptions": self.preemptions,
             "bandwidth": dict(self.bandwidth),
         }

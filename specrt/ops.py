@@ -100,7 +100,7 @@ def _check_indptr(name, indptr, n_rows=None):
 
 def tree_attention(q, k_cache, v_cache, block_table, seq_lens, qo_indptr, mask=None, *,
                    sm_scale: Optional[float] = None, out=None, lse=None,
-                   return_lse: bool = False, plan=None, workspace=None):
+                   return_lse: bool = False, plan=None, workspace=None, validate: bool = True):
     """Attention of new tokens (a draft tree, chain, Lookahead window or one token per
     sequence) against a paged KV cache whose committed prefix is fully visible.
 
@@ -122,11 +122,22 @@ def tree_attention(q, k_cache, v_cache, block_table, seq_lens, qo_indptr, mask=N
         Written when given (or allocated when ``return_lse``).
     plan, workspace : optional
         CUDA split-KV plan from :func:`plan_tree_attention` (ignored on CPU).
+    validate : bool
+        False skips the Python-side checks (hot path, for inputs the engine built itself;
+        the CPU op still validates index values, the CUDA kernel skips invalid ones).
 
     Returns
     -------
     out, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
     """
+    if not validate:
+        out = torch.empty_like(q) if out is None else out
+        if lse is None and return_lse:
+            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        _op("tree_attention")(q, k_cache, v_cache, block_table, seq_lens, qo_indptr, mask, out,
+                              lse, float(scale), plan, workspace)
+        return (out, lse) if lse is not None else out
     _check_tensor("q", q, _FLOAT, 3)
     dev = q.device
     if dev.type == "cuda":
@@ -198,7 +209,7 @@ def plan_tree_attention(qo_indptr, seq_lens, num_qo_heads, num_kv_heads, head_di
                  page_size, num_sms, device)
 
 
-def append_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+def append_kv(k, v, k_cache, v_cache, slot_mapping, *, validate: bool = True) -> None:
     """Write the K/V of new tokens into one layer of the paged cache.
 
     Parameters
@@ -207,7 +218,12 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     k_cache, v_cache : [num_pages, page_size, Hkv, D] (written in place)
     slot_mapping : int64 [N]
         ``page * page_size + offset`` per row; -1 skips the row.
+    validate : bool
+        False skips the Python-side checks (see :func:`tree_attention`).
     """
+    if not validate:
+        _op("append_kv")(k, v, k_cache, v_cache, slot_mapping)
+        return
     _check_tensor("k_cache", k_cache, _FLOAT, 4)
     dev, dt = k_cache.device, k_cache.dtype
     _check_tensor("v_cache", v_cache, dt, 4, dev)
@@ -226,7 +242,8 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     _op("append_kv")(k, v, k_cache, v_cache, slot_mapping)
 
 
-def kv_rollback(kv_cache, block_table, committed_lens, path, num_accepted) -> None:
+def kv_rollback(kv_cache, block_table, committed_lens, path, num_accepted, *,
+                validate: bool = True) -> None:
     """Move each sequence's accepted path K/V to the positions right after its committed
     prefix, in every layer (K and V), and grow ``committed_lens`` by the path length.
 
@@ -237,7 +254,12 @@ def kv_rollback(kv_cache, block_table, committed_lens, path, num_accepted) -> No
     committed_lens : int32 [B] (updated in place: ``+= num_accepted + 1``)
     path : int32 [B, max_T] (``out_path`` of :func:`rejection_sample`)
     num_accepted : int32 [B] (-1: nothing moves)
+    validate : bool
+        False skips the Python-side checks (see :func:`tree_attention`).
     """
+    if not validate:
+        _op("kv_rollback")(kv_cache, block_table, committed_lens, path, num_accepted)
+        return
     _check_tensor("kv_cache", kv_cache, _FLOAT, 6)
     dev = kv_cache.device
     _check_tensor("block_table", block_table, torch.int32, 2, dev)
@@ -317,7 +339,7 @@ def _sampling_params(b, dev, temperature, top_k, top_p, seed, offset):
 def rejection_sample(target_logits, draft_tokens, parents, node_indptr, *, draft_probs=None,
                      temperature=0.0, top_k=0, top_p=1.0, seed=0, offset=0, uniforms=None,
                      max_t: Optional[int] = None, out: Optional[VerifyOutput] = None,
-                     check: bool = True) -> VerifyOutput:
+                     check: bool = True, validate: bool = True) -> VerifyOutput:
     """Verify a batch of draft trees against target logits in one call (docs/ops.md §3).
 
     Parameters
@@ -340,11 +362,24 @@ def rejection_sample(target_logits, draft_tokens, parents, node_indptr, *, draft
     check : bool
         Raise if a sequence had invalid (NaN / inf) logits. Costs a host read of
         ``num_accepted`` (which the engine reads anyway).
+    validate : bool
+        False skips the Python-side checks (hot path): the sampling parameters must then be
+        [B] tensors of the op's dtypes, ``max_t`` given, and ``check`` is ignored.
 
     Returns
     -------
     VerifyOutput
     """
+    if not validate:
+        b, dev = node_indptr.shape[0] - 1, target_logits.device
+        if out is None:
+            out = VerifyOutput(torch.empty((b, max_t), dtype=torch.int32, device=dev),
+                               torch.empty((b, max_t), dtype=torch.int32, device=dev),
+                               torch.empty((b,), dtype=torch.int32, device=dev))
+        _op("rejection_sample")(target_logits, draft_tokens, parents, node_indptr, draft_probs,
+                                temperature, top_k, top_p, seed, offset, uniforms, out.tokens,
+                                out.path, out.num_accepted)
+        return out
     _check_tensor("target_logits", target_logits, _FLOAT, 2)
     dev = target_logits.device
     n, vocab = target_logits.shape

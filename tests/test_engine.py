@@ -723,3 +723,17 @@ def test_engine_split_kv_plan_on_gpu():
     ref = noplan.generate(prompts, params)
     assert all(a.token_ids[:4] == b.token_ids[:4] for a, b in zip(outs, ref))
     assert sum(a.token_ids == b.token_ids for a, b in zip(outs, ref)) >= 2
+
+
+def test_host_time_per_step_is_reported(target):
+    """The engine's own time per verify step (outside the target's forward) is measured and
+    exported (bench/e2e.py reports it); it is part of the step time, not more."""
+    eng = Engine(target, proposer=NgramProposer(k=4), num_pages=256)
+    eng.generate([[5, 6, 7, 8] * 4], SamplingParams(max_new_tokens=20))
+    m = eng.metrics
+    d = m.as_dict()
+    assert m.steps > 0 and m.target_s > 0
+    step_ms = 1e3 * sum(m.phase_s[p] for p in ("propose", "verify", "sample", "rollback",
+                                                 "commit", "host")) / m.steps
+    assert 0 < m.host_ms_per_step < step_ms
+    assert d["host_ms_per_step"] == m.host_ms_per_step

@@ -178,3 +178,33 @@ def test_draft_probs_with_greedy_branching_trees(monkeypatch):
         with pytest.raises(SpecrtInputError if strict else RuntimeError, match="chains"):
             ops.rejection_sample(logits, tokens, parents, indptr, draft_probs=q,
                                  temperature=torch.tensor([0.7, 0.8]), seed=1)
+
+
+def test_unvalidated_hot_path_equals_validated():
+    """validate=False (the engine's hot path) calls the same ops: identical results."""
+    q, kc, vc, bt, sl, qo = _attn_case()
+    a = ops.tree_attention(q, kc, vc, bt, sl, qo, return_lse=True)
+    b = ops.tree_attention(q, kc, vc, bt, sl, qo, return_lse=True, validate=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    logits = torch.randn(6, 13)
+    tokens = torch.randint(0, 13, (6,), dtype=torch.int32)
+    parents = torch.tensor([-1, 0, 0, 1, -1, 0], dtype=torch.int32)
+    indptr = torch.tensor([0, 4, 6], dtype=torch.int32)
+    prm = dict(temperature=torch.tensor([0.0, 0.9]), top_k=torch.tensor([0, 3], dtype=torch.int32),
+               top_p=torch.tensor([1.0, 0.8]), seed=torch.tensor([3, 4]),
+               offset=torch.tensor([0, 9]))
+    x = ops.rejection_sample(logits, tokens, parents, indptr, max_t=4, **prm)
+    y = ops.rejection_sample(logits, tokens, parents, indptr, max_t=4, validate=False, **prm)
+    for f in ("tokens", "path", "num_accepted"):
+        assert torch.equal(getattr(x, f), getattr(y, f))
+
+
+def test_untrusted_metadata_is_still_validated():
+    """The model skips the ops' checks only for metadata specrt built itself."""
+    from specrt.batch import AttentionMetadata
+    q, kc, vc, bt, sl, qo = _attn_case()
+    bad = AttentionMetadata(qo_indptr=qo, seq_lens=sl, block_table=bt.long(),
+                            slot_mapping=torch.zeros(q.shape[0], dtype=torch.int64))
+    assert not bad.trusted
+    with pytest.raises(SpecrtInputError):
+        ops.tree_attention(q, kc, vc, bad.block_table, sl, qo, validate=not bad.trusted)

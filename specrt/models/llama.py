@@ -96,10 +96,11 @@ class DecoderLayer(nn.Module):
         qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, hkv, d)
-        ops.append_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        ops.append_kv(k, v, k_cache, v_cache, attn.slot_mapping, validate=not attn.trusted)
         o = ops.tree_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
                                attn.qo_indptr, attn.mask, sm_scale=self.sm_scale,
-                               plan=attn.plan, workspace=attn.workspace)
+                               plan=attn.plan, workspace=attn.workspace,
+                               validate=not attn.trusted)
         x = x + F.linear(o.view(n, hq * d), self.o_weight, self.o_bias)
         gate, up = F.linear(self.post_norm(x), self.gate_up_weight,
                             self.gate_up_bias).chunk(2, dim=-1)

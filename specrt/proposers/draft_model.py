@@ -81,7 +81,8 @@ class AutoregressiveDrafter(Proposer):
             qo_indptr=torch.tensor(indptr, dtype=torch.int32, device=device),
             seq_lens=torch.tensor([st + n for st, n in zip(starts, counts)], dtype=torch.int32, device=device),
             block_table=c.block_table(ids, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device))
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            trusted=True)
 
     def propose(self, seqs):
         dev = self.cache.kv.device
