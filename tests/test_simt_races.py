@@ -84,6 +84,11 @@ case = make_case(prefixes, parents, 8, 2, 64, 16, torch.float16, seed=1)
 for path in ("cuda_cores", "tensor_cores"):
     for split in (False, True):
         run_emulated(case, split, path, "in_order")
+# D = 256 (16-key mma tiles, 32-key CUDA-core tiles), GQA 3, one-token pages, a long split
+case = make_case([150, 40], [random_parents(16, rng), random_parents(3, rng)], 6, 2, 256, 1,
+                 torch.bfloat16, seed=2)
+for path in ("cuda_cores", "tensor_cores"):
+    run_emulated(case, True, path, "in_order")
 gen = torch.Generator().manual_seed(2)
 logits, tokens, par, indptr = tree_batch([7, 3], 10000, gen)
 prm = req(2, gen)
@@ -102,6 +107,8 @@ emu_sample(logits[:1], req(1, gen), None)
 emu_rollback(make_rollback_case(3, 2, 16, [16, 7], kind="tree", num_layers=2,
                                 num_kv_heads=2, head_dim=64, dtype=torch.float16),
              "in_order")
+emu_rollback(make_rollback_case(4, 1, 16, [40], kind="tree", num_layers=4, num_kv_heads=2,
+                                head_dim=64, dtype=torch.float16), "in_order")  # cluster of 8
 kv, layer, k, v, slots = make_append_case(5, 9, 4)
 sb.append_kv(k, v, kv[layer, 0], kv[layer, 1], slots)
 print("clean")
@@ -109,8 +116,8 @@ print("clean")
 
 
 def test_kernels_are_race_free(tsan_so):
-    """One representative launch of every kernel and path (tensor cores and CUDA cores, split
-    and unsplit attention, clustered rejection sampling and sampling, rollback with a cluster,
-    append_kv): no race reported."""
+    """Representative launches of every kernel and path (tensor cores and CUDA cores, split and
+    unsplit attention, D 64 and 256, clustered rejection sampling on sampled trees with
+    rejections, sampling, rollback with clusters of 2 and 8, append_kv): no race reported."""
     r = run_under_tsan(tsan_so, KERNEL_CASES)
     assert r.returncode == 0 and "clean" in r.stdout, r.stderr[-5000:]
