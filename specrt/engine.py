@@ -47,8 +47,9 @@ class SamplingParams:
     up to floating-point effects: the batch changes the GEMM shapes, which can change logits in
     their last bits, and a token flips when a uniform falls within that rounding of a
     probability boundary (or, at temperature 0, at a near-tie). Seen with bf16 on CPU; fp32 on
-    CPU has matched exactly in the tests. Generation stops at ``max_new_tokens``, at an eos / ``stop_token_ids``
-    token (kept in ``token_ids``, not in the text), or at a ``stop`` string (text cut before it).
+    CPU has matched exactly in the tests. Generation stops at ``max_new_tokens``, at an eos /
+    ``stop_token_ids`` token (kept in ``token_ids``, not in the text), or at a ``stop`` string
+    (text cut before it).
     """
 
     temperature: float = 0.0
