@@ -309,6 +309,42 @@ def _bytes_per_page(num_layers, num_kv_heads, head_dim, page_size, dtype) -> int
     return num_layers * 2 * page_size * num_kv_heads * head_dim * elem
 
 
+# NOTE: below this many new tokens (decode and verify steps) plain Python lists beat numpy's
+# per-call overhead; prefills take the vectorised path. Both give the same tensors
+# (tests/test_kv_cache.py checks it).
+_SMALL_STEP_TOKENS = 256
+
+
+def _small_step_metadata(cache, seq_ids, committed, counts, dev, width, planner, mask):
+    pages = [cache._get(s).pages for s in seq_ids]
+    longest = max(len(p) for p in pages)
+    if width is None:
+        width = max(1, longest)
+    elif width < longest:
+        raise ValueError(f"block table width {width} is too small: a sequence holds "
+                         f"{longest} pages")
+    shift, low = cache._shift, cache.page_size - 1
+    indptr, slots, seq_lens = [0], [], []
+    for pg, c, t in zip(pages, committed, counts):
+        slots.extend((pg[p >> shift] << shift) | (p & low) for p in range(c, c + t))
+        indptr.append(indptr[-1] + t)
+        seq_lens.append(c + t)
+    plan = workspace = None
+    if planner is not None:
+        plan, workspace = planner.plan(indptr, seq_lens)
+    return AttentionMetadata(
+        qo_indptr=torch.tensor(indptr, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        block_table=torch.tensor([p + [-1] * (width - len(p)) for p in pages], dtype=torch.int32,
+                                 device=dev),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        mask=mask,
+        plan=plan,
+        workspace=workspace,
+        trusted=True,
+    )
+
+
 def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
                    new_tokens: Union[TreeBatch, Iterable[int]], device: Device = None, *,
                    block_table_width: Optional[int] = None,
@@ -368,6 +404,9 @@ def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
 
     cache.reserve_batch({s: c + t for s, c, t in zip(seq_ids, committed, counts)})
 
+    if sum(counts) <= _SMALL_STEP_TOKENS:
+        return _small_step_metadata(cache, seq_ids, committed, counts, dev, block_table_width,
+                                    planner, mask)
     table = cache._block_table_np(seq_ids, block_table_width)
     t_arr = np.asarray(counts, dtype=np.int64)
     indptr = np.zeros(b + 1, dtype=np.int64)

@@ -459,3 +459,35 @@ def test_cuda_cache_and_metadata():
     assert c2.slot_mapping(0, 0, 3, device="cuda").is_cuda
     assert c2.block_table([0, 1], device="cuda").is_cuda
     assert c2.committed_lens([0, 1], device="cuda").is_cuda
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_small_step_metadata_equals_vectorised(monkeypatch, page_size):
+    """build_metadata's list-based path for small steps gives the same tensors as the numpy
+    path (ragged counts incl. 0, fixed and default block-table widths, tree masks)."""
+    from specrt import kv_cache as K
+    rng = random.Random(page_size)
+    for trial in range(20):
+        c = PagedKVCache(1, 2, 8, page_size, 400, dtype=torch.float32)
+        b = rng.randint(1, 5)
+        for i in range(b):
+            c.add_sequence(i)
+            n = rng.randint(0, 60)
+            c.reserve_batch({i: n})
+            c.commit(i, n)
+        counts = [rng.randint(0, 9) for _ in range(b)]
+        width = None if trial % 2 else 128
+        out = []
+        for thr in (0, 10**6):
+            monkeypatch.setattr(K, "_SMALL_STEP_TOKENS", thr)
+            c2 = PagedKVCache(1, 2, 8, page_size, 400, dtype=torch.float32)
+            for i in range(b):  # same state in a fresh cache: reserve allocates identically
+                c2.add_sequence(i)
+                c2.reserve_batch({i: c.committed_len(i)})
+                c2.commit(i, c.committed_len(i))
+            out.append(build_metadata(c2, list(range(b)), counts, "cpu",
+                                      block_table_width=width))
+        for f in ("qo_indptr", "seq_lens", "block_table", "slot_mapping"):
+            x, y = getattr(out[0], f), getattr(out[1], f)
+            assert x.dtype == y.dtype and torch.equal(x, y), (trial, f)
+        assert out[0].trusted and out[1].trusted
