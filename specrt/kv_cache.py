@@ -269,12 +269,7 @@ class PagedKVCache:
     def _block_table_np(self, seq_ids: Sequence[SeqId], width: Optional[int]) -> np.ndarray:
         seqs = [self._get(s) for s in seq_ids]
         counts = np.fromiter((len(s.pages) for s in seqs), dtype=np.int64, count=len(seqs))
-        longest = int(counts.max()) if len(seqs) else 0
-        if width is None:
-            width = max(1, longest)
-        elif width < longest:
-            raise ValueError(f"block table width {width} is too small: a sequence holds "
-                             f"{longest} pages")
+        width = _table_width(int(counts.max()) if len(seqs) else 0, width)
         table = np.full((len(seqs), width), -1, dtype=np.int32)
         total = int(counts.sum())
         if total:
@@ -298,6 +293,17 @@ class PagedKVCache:
                 f"dtype={self.dtype}, device={self.device})")
 
 
+def _table_width(longest: int, width: Optional[int]) -> int:
+    """Block-table width: ``width`` if given (it must hold ``longest`` pages), else the
+    longest page list (at least 1)."""
+    if width is None:
+        return max(1, longest)
+    if width < longest:
+        raise ValueError(f"block table width {width} is too small: a sequence holds "
+                         f"{longest} pages")
+    return width
+
+
 def _check_page_size(page_size: int):
     if not isinstance(page_size, int) or not 1 <= page_size <= 128 \
             or page_size & (page_size - 1):
@@ -317,12 +323,7 @@ _SMALL_STEP_TOKENS = 256
 
 def _small_step_metadata(cache, seq_ids, committed, counts, dev, width, planner, mask):
     pages = [cache._get(s).pages for s in seq_ids]
-    longest = max(len(p) for p in pages)
-    if width is None:
-        width = max(1, longest)
-    elif width < longest:
-        raise ValueError(f"block table width {width} is too small: a sequence holds "
-                         f"{longest} pages")
+    width = _table_width(max(len(p) for p in pages), width)
     shift, low = cache._shift, cache.page_size - 1
     indptr, slots, seq_lens = [0], [], []
     for pg, c, t in zip(pages, committed, counts):

@@ -36,24 +36,24 @@ def _preloaded(name: str) -> bool:
         return False
 
 
-def asan_preloaded() -> bool:
-    return _preloaded("libasan")
+def sanitizer_runtime(name: str) -> str | None:
+    """Path of the compiler's ``lib<name>.so`` (asan, tsan) to LD_PRELOAD, or None."""
+    r = subprocess.run(["gcc", f"-print-file-name=lib{name}.so"], capture_output=True, text=True)
+    path = r.stdout.strip()
+    return path if os.path.isabs(path) else None
 
 
 VARIANTS = {"plain": [], "asan": ["-DSPECRT_SIMT_SANITIZE=ON"], "tsan": ["-DSPECRT_SIMT_TSAN=ON"]}
 
 
-def build(sanitize: bool | None = None, variant: str | None = None) -> Path:
+def build(variant: str | None = None) -> Path:
     """Configure + build the emulation library (incremental); returns the .so path.
 
     variant: "plain", "asan" (AddressSanitizer + UBSan) or "tsan" (ThreadSanitizer race
     check); by default the one matching the sanitizer runtime preloaded into this process.
     """
     if variant is None:
-        if sanitize is None:
-            variant = "asan" if asan_preloaded() else "tsan" if _preloaded("libtsan") else "plain"
-        else:
-            variant = "asan" if sanitize else "plain"
+        variant = "asan" if _preloaded("libasan") else "tsan" if _preloaded("libtsan") else "plain"
     out = ROOT / "build" / ("simt" if variant == "plain" else f"simt-{variant}")
     cfg = ["cmake", "-S", str(ROOT), "-B", str(out), "-G", "Ninja", "-DSPECRT_SIMT=ON",
            *VARIANTS[variant]]

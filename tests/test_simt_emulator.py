@@ -273,11 +273,10 @@ def test_dynamic_shared_memory_above_48k_needs_the_attribute(L):
 def test_shared_memory_overflow_is_caught_by_asan():
     """The sanitized build reports an out-of-bounds shared-memory write (the role of
     compute-sanitizer memcheck)."""
-    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
-                          text=True).stdout.strip()
-    if not os.path.isabs(asan):
+    asan = sb.sanitizer_runtime("asan")
+    if asan is None:
         pytest.skip("libasan not found")
-    so = sb.build(sanitize=True)
+    so = sb.build(variant="asan")
     code = ("import ctypes, sys; L = ctypes.CDLL(sys.argv[1]); L.simt_test_smem_overflow(16)")
     env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0")
     r = subprocess.run([sys.executable, "-c", code, str(so)], env=env, capture_output=True,

@@ -20,21 +20,15 @@ pytestmark = pytest.mark.emulated
 HERE = Path(__file__).resolve().parent
 
 
-def tsan_runtime():
-    r = subprocess.run(["gcc", "-print-file-name=libtsan.so"], capture_output=True, text=True)
-    p = r.stdout.strip()
-    return p if os.path.isabs(p) else None
-
-
 @pytest.fixture(scope="module")
 def tsan_so():
-    if tsan_runtime() is None:
+    if sb.sanitizer_runtime("tsan") is None:
         pytest.skip("libtsan not found")
     return sb.build(variant="tsan")
 
 
 def run_under_tsan(so, code: str):
-    env = dict(os.environ, LD_PRELOAD=tsan_runtime(), SPECRT_SIMT_LIB=str(so),
+    env = dict(os.environ, LD_PRELOAD=sb.sanitizer_runtime("tsan"), SPECRT_SIMT_LIB=str(so),
                TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0",
                PYTHONPATH=str(HERE))
     env.pop("ASAN_OPTIONS", None)

@@ -103,8 +103,7 @@ void context_switch(Context& from, Context& to, bool from_finished) {
 #endif
 }
 
-void context_started(Context& self, Context& parent) {
-  (void)self;
+void context_started(Context& parent) {
 #ifdef SIMT_ASAN
   const void* bottom = nullptr;
   size_t size = 0;

@@ -26,10 +26,11 @@ struct Context {
 
 // Prepares `ctx` to run entry(arg) on [stack, stack + size) at its first switch-in.
 void context_init(Context& ctx, char* stack, size_t size, void (*entry)(void*), void* arg);
-// Saves the running context in `from` and resumes `to`. `to_done`: `from` never runs again.
+// Saves the running context in `from` and resumes `to`. `from_finished`: `from` never runs
+// again.
 void context_switch(Context& from, Context& to, bool from_finished = false);
 // First thing a fiber's entry does: completes the switch that started it and records the
 // stack it came from in `parent` (for the way back).
-void context_started(Context& self, Context& parent);
+void context_started(Context& parent);
 
 }  // namespace simt

@@ -164,21 +164,22 @@ inline T atomicCAS(T* p, T cmp, T v) {
   __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
   return cmp;
 }
-template <typename T>
-inline T atomicMin(T* p, T v) {
+// Stores v where better(v, old) holds, by compare-and-swap; returns the old value.
+template <typename T, typename Better>
+inline T simt_atomic_replace_if(T* p, T v, Better better) {
   T old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  while (v < old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED,
-                                                 __ATOMIC_RELAXED)) {
+  while (better(v, old) && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED,
+                                                        __ATOMIC_RELAXED)) {
   }
   return old;
 }
 template <typename T>
+inline T atomicMin(T* p, T v) {
+  return simt_atomic_replace_if(p, v, [](T a, T b) { return a < b; });
+}
+template <typename T>
 inline T atomicMax(T* p, T v) {
-  T old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED,
-                                                 __ATOMIC_RELAXED)) {
-  }
-  return old;
+  return simt_atomic_replace_if(p, v, [](T a, T b) { return b < a; });
 }
 template <typename T>
 inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "fiber.h"
+#include "include/cuda_bf16.h"  // the b16 conversions (and cuda_runtime.h's error storage)
 #include "simt.h"
 
 #if defined(SPECRT_SIMT_TSAN)
@@ -202,7 +203,6 @@ struct Cluster {
   std::vector<Fiber> fibers;
   int live = 0, cl_arrived = 0;
   Context sched;
-  Fiber* running = nullptr;
   uint64_t rng = 0;
   std::vector<uint64_t> ready;  // bitset of ready fibers
   int cursor = 0;
@@ -442,18 +442,8 @@ Fiber& lane_fiber(Cluster& c, Block& b, int warp, int lane) {
   return c.fibers[b.first_fiber + warp * 32 + lane];
 }
 
-float bits_f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-
 float b16_to_float(uint16_t h, MmaType t) {
-  if (t == MmaType::kBF16) return bits_f(static_cast<uint32_t>(h) << 16);
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-  if (e == 0x1Fu) return bits_f(sign | 0x7F800000u | (m << 13));
-  if (e == 0) {
-    const float v = static_cast<float>(m) * (1.0f / 16777216.0f);
-    return sign ? -v : v;
-  }
-  return bits_f(sign | ((e + 112u) << 23) | (m << 13));
+  return t == MmaType::kBF16 ? bf16_to_float(h) : half_to_float(h);
 }
 
 void complete(Cluster& c, Block& b, int warp, Collective& k) {
@@ -827,7 +817,7 @@ void thread_exit(Cluster& c, Fiber& f) {
 void fiber_main(void* arg) {
   Fiber* f = static_cast<Fiber*>(arg);
   Cluster& c = *tls_cluster;
-  context_started(f->ctx, c.sched);
+  context_started(c.sched);
   SIMT_ACQUIRE(&c.launch);  // the launch's arguments and earlier launches' results
   c.launch->body(c.launch->closure);
   SIMT_RELEASE(&c.live);    // this thread's writes, for whoever reads them after the launch
@@ -941,11 +931,9 @@ void run_cluster(LaunchState& L, u3 first_block, uint64_t seed) {
     }
     c.cursor = i;
     Fiber& f = c.fibers[i];
-    c.running = &f;
     tls_current = &f.t;
     context_switch(c.sched, f.ctx);
     tls_current = nullptr;
-    c.running = nullptr;
   }
   SIMT_ACQUIRE(&c.live);
 #if defined(SPECRT_SIMT_TSAN)
@@ -1022,8 +1010,7 @@ int run_launch(const LaunchSpec& spec, KernelBody body, void* closure) {
   if (g_config.schedule == 2)
     for (uint64_t i = nclusters; i > 1; --i) std::swap(order[i - 1], order[splitmix(rng) % i]);
   std::atomic<uint64_t> next{0};
-  auto worker = [&](int wid) {
-    (void)wid;
+  auto worker = [&] {
     while (!L.failed.load()) {
       const uint64_t k = next.fetch_add(1);
       if (k >= nclusters) break;
@@ -1037,8 +1024,8 @@ int run_launch(const LaunchSpec& spec, KernelBody body, void* closure) {
   };
   const int workers = std::max(1, std::min<int>(g_config.workers, static_cast<int>(nclusters)));
   std::vector<std::thread> pool;
-  for (int w = 1; w < workers; ++w) pool.emplace_back(worker, w);
-  worker(0);
+  for (int w = 1; w < workers; ++w) pool.emplace_back(worker);
+  worker();
   for (auto& t : pool) t.join();
   if (L.failed) {
     set_last_error(L.error.c_str());
@@ -1069,7 +1056,6 @@ void record_max_dynamic_smem(const void* kernel, int bytes) {
 }  // namespace simt
 
 // cudaError_t storage for cudaGetLastError (declared in include/cuda_runtime.h).
-#include "include/cuda_runtime.h"
 namespace simt {
 cudaError_t& last_runtime_error() {
   static thread_local cudaError_t e = cudaSuccess;

@@ -104,7 +104,6 @@ struct Config {
   uint64_t seed = 1;        // random schedule + garbage fill
   int num_sms = 132;        // what cudaDevAttrMultiProcessorCount reports
   int workers = 1;          // OS threads running clusters in parallel
-  bool race_check = false;  // shared-memory race detection (slow)
 };
 Config& config();
 const char* last_error();
