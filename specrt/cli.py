@@ -37,7 +37,16 @@ def cmd_generate(args) -> int:
     if args.nvml and torch.device(args.device).type != "cuda":
         print("[specrt] --nvml: bandwidth monitoring needs a CUDA device; skipped", file=sys.stderr)
         args.nvml = False
-    engine = Engine(model, tok, proposer, max_draft=args.num_draft, nvml=args.nvml)
+    lossy = None
+    if args.lossy_typical_acceptance:
+        from .acceptance import TypicalAcceptance
+
+        lossy = TypicalAcceptance(args.posterior_threshold, args.posterior_alpha)
+        print("[specrt] LOSSY typical acceptance: sampled output does not follow the target "
+              "distribution", file=sys.stderr)
+    max_nodes = max(64, getattr(proposer, "max_nodes", 0) or 0)
+    engine = Engine(model, tok, proposer, max_draft=args.num_draft, nvml=args.nvml,
+                    max_tree_nodes=max_nodes, lossy_acceptance=lossy)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_new_tokens=args.max_new_tokens)
     for ev in engine.stream([args.prompt], params, chat=args.chat):
@@ -76,10 +85,21 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--proposer", default="none", help="none | ngram | draft | layer-skip")
+    g.add_argument("--proposer", default="none", help="none | ngram | draft | layer-skip | medusa")
     g.add_argument("--num-draft", type=int, default=4, help="draft tokens per step")
     g.add_argument("--draft-model", default=None, help="draft model for --proposer draft")
     g.add_argument("--skip-layers", type=int, default=None, help="layers kept by --proposer layer-skip")
+    g.add_argument("--medusa-heads", default=None,
+                   help="Medusa checkpoint (any public layout; default: the heads shipped for smollm2-135m)")
+    g.add_argument("--medusa-tree", default=None,
+                   help="dynamic (default) | mc_sim_7b_63 | calibrated | FILE.json (choice paths)")
+    g.add_argument("--num-nodes", type=int, default=None,
+                   help="tree node budget, root included (Medusa dynamic / calibrated trees; default 16)")
+    g.add_argument("--lossy-typical-acceptance", action="store_true",
+                   help="LOSSY: the Medusa reference's typical acceptance for sampled requests "
+                        "(output no longer follows the target distribution)")
+    g.add_argument("--posterior-threshold", type=float, default=0.09)
+    g.add_argument("--posterior-alpha", type=float, default=0.3)
     g.add_argument("--nvml", action="store_true", help="report DRAM bandwidth utilization (GPU)")
     g.set_defaults(func=cmd_generate)
     args = ap.parse_args(argv)

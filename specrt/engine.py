@@ -196,13 +196,17 @@ class Engine:
     profile : synchronize the device between phases so phase times are exact (GPU)
     nvml : measure DRAM bandwidth / SM utilization over each run with NVML GPM
         (``specrt.nvml.BandwidthMonitor``) into ``metrics.bandwidth`` (CUDA only)
+    lossy_acceptance : e.g. :class:`specrt.acceptance.TypicalAcceptance`: replaces exact
+        verification for sampled requests (greedy ones stay exact). LOSSY: the output no
+        longer follows the target's distribution. Default None (lossless).
     """
 
     def __init__(self, model, tokenizer=None, proposer: Optional[Proposer] = None, *,
                  page_size: int = 16, num_pages: Optional[int] = None,
                  memory_bytes: Optional[int] = None, max_batch_size: int = 32,
                  max_seq_len: Optional[int] = None, max_draft: int = 8,
-                 max_tree_nodes: int = 64, profile: bool = False, nvml: bool = False):
+                 max_tree_nodes: int = 64, profile: bool = False, nvml: bool = False,
+                 lossy_acceptance=None):
         self.model = model
         self.tokenizer = tokenizer
         self.proposer = proposer or NoProposer()
@@ -217,6 +221,9 @@ class Engine:
         if nvml and self.device.type != "cuda":
             raise ValueError("nvml bandwidth monitoring needs the model on a CUDA device")
         self.nvml = nvml
+        if lossy_acceptance is not None and not callable(getattr(lossy_acceptance, "apply", None)):
+            raise ValueError("lossy_acceptance must provide apply() (e.g. TypicalAcceptance)")
+        self.lossy_acceptance = lossy_acceptance
         if num_pages is None:
             if memory_bytes is not None:
                 per_page = 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
@@ -225,6 +232,11 @@ class Engine:
                 num_pages = max_batch_size * (-(-min(self.max_seq_len, 4096) // page_size) + 1)
         self.cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size,
                                   num_pages, self.dtype, self.device)
+        limit = getattr(self.proposer, "max_nodes", None)
+        if limit is not None and limit > max_tree_nodes:
+            raise ValueError(f"proposer {self.proposer.name} builds trees of up to {limit} nodes, "
+                             f"more than the engine's max_tree_nodes={max_tree_nodes}: raise "
+                             "max_tree_nodes or give the proposer a smaller tree")
         self.proposer.attach(model, self.cache)
         self._params_key, self._params_val = None, None  # see _request_params
         self.planner = attention_planner(cfg, page_size, self.device, max_batch_size,
@@ -404,6 +416,7 @@ class Engine:
             return
         t = time.perf_counter()
         todo = [s for s in new if len(s.tokens) > 1]
+        prefill_hidden: dict = {}
         if todo:
             # The prompt minus its last token goes into the cache; the last token is the root
             # of the first verify step, like every later emitted token.
@@ -412,12 +425,26 @@ class Engine:
             meta = build_metadata(self.cache, ids, counts, self.device)
             flat = torch.tensor([t for s in todo for t in s.tokens[:-1]], dtype=torch.long, device=self.device)
             pos = torch.cat([torch.arange(c, dtype=torch.long) for c in counts]).to(self.device)
-            self.model(flat, pos, self.cache.kv, meta,
-                       logits_rows=torch.empty(0, dtype=torch.long, device=self.device))
-            for s, c in zip(todo, counts):
+            # Proposers that draft from the target's hidden states get the prompt's last
+            # cached position (the one that predicted the root); the others, no logits at all.
+            want = self.proposer.needs_hidden
+            rows = (torch.tensor(list(itertools.accumulate(counts)), dtype=torch.long,
+                                 device=self.device) - 1 if want
+                    else torch.empty(0, dtype=torch.long, device=self.device))
+            out = self.model(flat, pos, self.cache.kv, meta, logits_rows=rows,
+                             hidden_layers=tuple(self.proposer.hidden_layers) if want else ())
+            for i, (s, c) in enumerate(zip(todo, counts)):
                 self.cache.commit(s.sid, c)
+                if want:
+                    prefill_hidden[s.sid] = (out.hidden[i:i + 1],
+                                             {l: h[i:i + 1] for l, h in out.aux_hidden.items()})
         for s in new:
-            self.proposer.add(s.view(len(s.tokens) - 1, 0))
+            view = s.view(len(s.tokens) - 1, 0)
+            if s.sid in prefill_hidden:
+                h, aux = prefill_hidden[s.sid]
+                self.proposer.add(view, hidden=h, aux_hidden=aux)
+            else:
+                self.proposer.add(view)
         self._sync()
         run.phase_s["prefill"] += time.perf_counter() - t
         running.extend(new)
@@ -485,6 +512,11 @@ class Engine:
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
             offset=torch.tensor([s.step for s in seqs], dtype=torch.int64, device=dev),
             max_t=tb.max_t, validate=False)
+        if self.lossy_acceptance is not None and not all(greedy):
+            ver = self.lossy_acceptance.apply(
+                ver, out.logits, tb.tokens, tb.parents, tb.num_nodes,
+                [s.params.temperature for s in seqs], [s.seed for s in seqs],
+                [s.step for s in seqs])
         self._sync()
         t3 = time.perf_counter()
         ph["sample"] += t3 - t2

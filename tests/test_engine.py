@@ -21,7 +21,9 @@ import torch
 
 from specrt import ops
 from specrt.engine import Engine, SamplingParams
-from specrt.proposers import (DraftModelProposer, LayerSkipProposer, NgramProposer, Proposer)
+from specrt.acceptance import TypicalAcceptance
+from specrt.proposers import (DraftModelProposer, LayerSkipProposer, MedusaHeads, MedusaProposer,
+                              NgramProposer, Proposer)
 from specrt.tree import DraftTree
 
 from _tiny import CharTokenizer, tiny_model
@@ -384,9 +386,26 @@ def _stat_proposer(name, tgt, drf, table):
         "exact-tree-swapped": lambda: ExactTreeProposer(table, len(_PROMPT), swap=True),
         "random-tree": lambda: RandomTreeProposer(_VOCAB, max_nodes=10, seed=7),
         "ngram": lambda: NgramProposer(k=_K, max_branches=3),
+        "medusa": lambda: MedusaProposer(tgt, _random_heads(tgt, _K, seed=11), num_nodes=12,
+                                         top_k=3),
+        "medusa-choices": lambda: MedusaProposer(
+            tgt, _random_heads(tgt, _K, seed=12),
+            tree=[[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]]),
         "mixed": lambda: MixedProposer(DraftModelProposer(drf, _VOCAB, k=_K),
                                        ExactTreeProposer(table, len(_PROMPT), width=2)),
     }[name]()
+
+
+def _random_heads(tgt, k, seed, scale=0.3):
+    """Medusa heads with random blocks (head outputs through the target's LM head)."""
+    c = tgt.config
+    h = MedusaHeads(c.hidden_size, c.vocab_size, k, 1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        h.block_weight.copy_(torch.randn(h.block_weight.shape, generator=g) * scale
+                             / c.hidden_size ** 0.5)
+        h.block_bias.copy_(torch.randn(h.block_bias.shape, generator=g) * 0.1)
+    return h
 
 
 _N_STAT = 3000
@@ -403,13 +422,15 @@ _N_STAT = 3000
     ("random-tree", 1.0, 0, 1.0),
     ("ngram", 0.7, 0, 1.0),
     ("mixed", 1.0, 0, 1.0),
+    ("medusa", 1.0, 0, 1.0),
+    ("medusa-choices", 0.8, 4, 0.9),
 ])
 def test_sampling_lossless_end_to_end(stat_models, name, temperature, top_k, top_p):
     """Chi-square of the first k + 1 = 4 emitted tokens (jointly) over 3000 seeds against the
     target's exact distribution. With max_new_tokens = k + 1 the first step drafts to the
     full depth k = 3, so deep acceptance, sibling rejection at every level and the bonus token
     after k accepted drafts all shape the tested distribution. alpha = 1e-4 per case: the
-    false-failure rate of the 10 cases is at most 1e-3 (the seeds are fixed, so a given build
+    false-failure rate of the 12 cases is at most 1.2e-3 (the seeds are fixed, so a given build
     either passes or fails deterministically)."""
     pytest.importorskip("scipy.stats")
     tgt, drf = stat_models
@@ -737,3 +758,27 @@ def test_host_time_per_step_is_reported(target):
                                                  "commit", "host")) / m.steps
     assert 0 < m.host_ms_per_step < step_ms
     assert d["host_ms_per_step"] == m.host_ms_per_step
+
+
+def test_typical_acceptance_is_lossy_and_opt_in(stat_models):
+    """Medusa's typical acceptance (opt-in, lossy) visibly changes the sampled distribution:
+    the chi-square test that the default (exact) verification passes rejects it. Greedy
+    requests stay exact under it."""
+    pytest.importorskip("scipy.stats")
+    tgt, _ = stat_models
+    table = _exact_tables(tgt, _PROMPT, _K + 1, 1.0)
+    exact = _exact_joint(table, _VOCAB, _K + 1)
+    prop = ExactTreeProposer(table, len(_PROMPT))
+    eng = Engine(tgt, proposer=prop, num_pages=8192, page_size=4, max_batch_size=512,
+                 max_draft=_K, lossy_acceptance=TypicalAcceptance(0.3, 0.3))
+    params = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=_K + 1)
+              for s in range(_N_STAT)]
+    outs = eng.generate([_PROMPT] * _N_STAT, params)
+    # the filtered bonus token never leaves the support, but the frequencies move
+    pval = _chi_square_p(outs, exact, _VOCAB, _K + 1)
+    assert pval < 1e-6, f"typical acceptance looked lossless (p = {pval:.2e})"
+    greedy = SamplingParams(max_new_tokens=12)
+    ref = Engine(tgt).generate([_PROMPT], greedy)[0].token_ids
+    got = Engine(tgt, proposer=prop, max_draft=_K,
+                 lossy_acceptance=TypicalAcceptance()).generate([_PROMPT], greedy)[0].token_ids
+    assert got == ref
