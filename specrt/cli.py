@@ -102,6 +102,14 @@ def main(argv=None) -> int:
     g.add_argument("--posterior-alpha", type=float, default=0.3)
     g.add_argument("--nvml", action="store_true", help="report DRAM bandwidth utilization (GPU)")
     g.set_defaults(func=cmd_generate)
+    # Training lives in specrt.train, imported only when this command runs; it parses its own
+    # options (listed here for --help only).
+    sub.add_parser("train", add_help=False, help="train proposer heads (specrt train medusa --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from .train.cli import main as train_main
+
+        return train_main(argv[1:])
     args = ap.parse_args(argv)
     try:
         return args.func(args)
