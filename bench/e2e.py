@@ -55,7 +55,8 @@ from common import DirtyTreeError, environment, git_label, require_clean_tree  #
 from specrt.engine import Engine, SamplingParams  # noqa: E402
 from specrt.hub import resolve_model  # noqa: E402
 from specrt.models import load_model  # noqa: E402
-from specrt.proposers import DraftModelProposer, LayerSkipProposer, NgramProposer  # noqa: E402
+from specrt.proposers import (DraftModelProposer, LayerSkipProposer, MedusaProposer,  # noqa: E402
+                              NgramProposer, default_medusa_heads)
 
 CHAT_PROMPTS = [
     "Explain the difference between a list and a tuple in Python.",
@@ -82,15 +83,17 @@ def humaneval_prompts(n: int) -> list[str]:
     return [r["prompt"] for r in rows[:n]]
 
 
-def run_engine(engine: Engine, prompts, params, chat: bool):
-    engine.generate([prompts[0]], SamplingParams(max_new_tokens=4), chat=chat)  # warm-up
+def run_engine(engine: Engine, prompts, params, chat: bool, batch: int = 1):
+    """Generate ``prompts`` in groups of ``batch`` (batch 1: one request at a time)."""
+    engine.generate(prompts[:batch], SamplingParams(max_new_tokens=4), chat=chat)  # warm-up
     outs, steps, acc, prop, hist, gen, host_ms = [], 0, 0, 0, [], 0, 0.0
     t0 = time.perf_counter()
-    for p in prompts:
-        o = engine.generate([p], params, chat=chat)[0]
-        if o.error:
-            raise RuntimeError(o.error)
-        outs.append(o.token_ids)
+    for i in range(0, len(prompts), batch):
+        group = engine.generate(prompts[i:i + batch], params, chat=chat)
+        for o in group:
+            if o.error:
+                raise RuntimeError(o.error)
+            outs.append(o.token_ids)
         m = engine.metrics
         steps += sum(m.depth_hist)
         host_ms += m.host_ms_per_step * m.steps
@@ -106,6 +109,10 @@ def run_engine(engine: Engine, prompts, params, chat: bool):
         "generated": gen, "wall_s": wall, "tokens_per_s": gen / wall,
         "mean_accepted_length": (acc + steps) / steps if steps else 0.0,
         "acceptance_rate": acc / prop if prop else 0.0, "depth_hist": hist,
+        # P(depth d accepted | depth d - 1 accepted), d = 1..: for Medusa, head d - 1's
+        # acceptance given that the heads before it were accepted
+        "depth_acceptance": [sum(hist[d:]) / sum(hist[d - 1:]) for d in range(1, len(hist))
+                             if sum(hist[d - 1:])],
         # engine time per verify step outside the target's forward (RunMetrics.host_ms_per_step)
         "host_ms_per_step": host_ms / steps if steps else 0.0,
     }
@@ -120,6 +127,20 @@ def make_proposer(name, model, args, draft=None):
         return LayerSkipProposer(model, args.skip_layers or max(1, model.config.num_layers // 2), k=args.k)
     if name == "draft":
         return DraftModelProposer(draft, model.config.vocab_size, k=args.k)
+    if name.startswith("medusa"):
+        # medusa: the shipped heads (reduced draft vocabulary); medusa-fullvocab: the same
+        # heads projecting through the target's whole LM head; a ":N" suffix sets the node
+        # budget (default --medusa-nodes)
+        base, _, nodes = name.partition(":")
+        heads = args.medusa_heads or default_medusa_heads(model)
+        prop = MedusaProposer(model, heads, tree=args.medusa_tree,
+                              num_nodes=int(nodes) if nodes else args.medusa_nodes)
+        if base == "medusa-fullvocab":
+            prop.heads.token_map = None
+            prop.heads._shared = None
+        elif base != "medusa":
+            raise ValueError(name)
+        return prop
     raise ValueError(name)
 
 
@@ -266,6 +287,10 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--ngram-branches", type=int, default=1)
     ap.add_argument("--skip-layers", type=int, default=None)
+    ap.add_argument("--medusa-heads", default=None, help="default: the heads shipped for smollm2-135m")
+    ap.add_argument("--medusa-tree", default="dynamic")
+    ap.add_argument("--medusa-nodes", type=int, default=8, help="Medusa tree node budget (root included)")
+    ap.add_argument("--batch-sizes", default="1", help="comma list; requests run in groups of this size")
     ap.add_argument("--hf", action="store_true", help="also run the transformers peers (greedy)")
     ap.add_argument("--synthetic", action="store_true")
     ap.add_argument("--synthetic-layers", type=int, default=None)
@@ -305,40 +330,43 @@ def main(argv=None):
     for s in args.prompt_sets.split(","):
         sets[s] = (humaneval_prompts(args.num_prompts), False) if s == "humaneval" else \
             (CHAT_PROMPTS[: args.num_prompts], True)
-    for set_name, (prompts, chat) in sets.items():
-        for temp in [float(x) for x in args.temperatures.split(",")]:
-            params = SamplingParams(temperature=temp, seed=1234, max_new_tokens=args.max_new_tokens)
-            plain_ids, plain_tps = None, None
-            for name in proposers:
-                eng = Engine(model, tok, make_proposer(name, model, args, draft), max_batch_size=1,
-                             max_draft=args.k)
-                ids, row = run_engine(eng, prompts, params, chat)
-                row.update({"prompt_set": set_name, "temperature": temp, "proposer": name})
-                if name == "none":
-                    plain_ids, plain_tps = ids, row["tokens_per_s"]
-                if plain_tps:
-                    row["speedup_vs_plain"] = row["tokens_per_s"] / plain_tps
-                if temp == 0 and plain_ids is not None:
-                    row["greedy_equals_plain"] = ids == plain_ids
-                    row["greedy_prompts_identical"] = f"{sum(a == b for a, b in zip(ids, plain_ids))}/{len(ids)}"
-                result["runs"].append(row)
-                print(f"{set_name:9s} T={temp:<4} {name:10s} {row['tokens_per_s']:7.1f} tok/s  "
-                      f"x{row.get('speedup_vs_plain', 1):.2f}  mean acc len {row['mean_accepted_length']:.2f}"
-                      f"  host {row['host_ms_per_step']:.3f} ms/step"
-                      + (f"  greedy==plain {row.get('greedy_prompts_identical')}" if temp == 0 else ""), flush=True)
-            if args.hf and temp == 0:
-                for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path,
-                                  dtype=model.dtype, device=device):
-                    r.update({"prompt_set": set_name, "temperature": 0.0})
-                    # compare with the specrt run of the same method (plain / n-gram / draft)
-                    same = {"hf-plain": "none", "hf-prompt-lookup": "ngram", "hf-assisted": "draft"}[r["system"]]
-                    mine = [x for x in result["runs"] if x["prompt_set"] == set_name
-                            and x["temperature"] == 0 and x["proposer"] == same]
-                    r["specrt_counterpart"] = same
-                    r["specrt_over_peer"] = mine[0]["tokens_per_s"] / r["tokens_per_s"] if mine else None
-                    result["peers"].append(r)
-                    print(f"{set_name:9s} T=0    {r['system']:18s} {r['tokens_per_s']:7.1f} tok/s  "
-                          f"agree {r['greedy_agrees_with_specrt']}  [{r['mode']}, {r['device']}]", flush=True)
+    for set_name, (prompts, chat), temp, batch in ((a, b, t, bs) for a, b in sets.items()
+                                                   for bs in [int(x) for x in args.batch_sizes.split(",")]
+                                                   for t in [float(x) for x in args.temperatures.split(",")]):
+        params = SamplingParams(temperature=temp, seed=1234, max_new_tokens=args.max_new_tokens)
+        plain_ids, plain_tps = None, None
+        for name in proposers:
+            prop = make_proposer(name, model, args, draft)
+            eng = Engine(model, tok, prop, max_batch_size=batch, max_draft=args.k,
+                         max_tree_nodes=max(64, getattr(prop, "max_nodes", 0) or 0))
+            ids, row = run_engine(eng, prompts, params, chat, batch)
+            row.update({"prompt_set": set_name, "temperature": temp, "proposer": name,
+                        "batch": batch})
+            if name == "none":
+                plain_ids, plain_tps = ids, row["tokens_per_s"]
+            if plain_tps:
+                row["speedup_vs_plain"] = row["tokens_per_s"] / plain_tps
+            if temp == 0 and plain_ids is not None:
+                row["greedy_equals_plain"] = ids == plain_ids
+                row["greedy_prompts_identical"] = f"{sum(a == b for a, b in zip(ids, plain_ids))}/{len(ids)}"
+            result["runs"].append(row)
+            print(f"{set_name:9s} T={temp:<4} b={batch} {name:16s} {row['tokens_per_s']:7.1f} tok/s  "
+                  f"x{row.get('speedup_vs_plain', 1):.2f}  mean acc len {row['mean_accepted_length']:.2f}"
+                  f"  host {row['host_ms_per_step']:.3f} ms/step"
+                  + (f"  greedy==plain {row.get('greedy_prompts_identical')}" if temp == 0 else ""), flush=True)
+        if args.hf and temp == 0 and batch == 1:
+            for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path,
+                              dtype=model.dtype, device=device):
+                r.update({"prompt_set": set_name, "temperature": 0.0})
+                # compare with the specrt run of the same method (plain / n-gram / draft)
+                same = {"hf-plain": "none", "hf-prompt-lookup": "ngram", "hf-assisted": "draft"}[r["system"]]
+                mine = [x for x in result["runs"] if x["prompt_set"] == set_name
+                        and x["temperature"] == 0 and x["proposer"] == same and x["batch"] == 1]
+                r["specrt_counterpart"] = same
+                r["specrt_over_peer"] = mine[0]["tokens_per_s"] / r["tokens_per_s"] if mine else None
+                result["peers"].append(r)
+                print(f"{set_name:9s} T=0    {r['system']:18s} {r['tokens_per_s']:7.1f} tok/s  "
+                      f"agree {r['greedy_agrees_with_specrt']}  [{r['mode']}, {r['device']}]", flush=True)
     if args.synthetic:
         result["synthetic"] = synthetic(args, device)
         for r in result["synthetic"]["rows"]:
@@ -350,15 +378,16 @@ def main(argv=None):
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     lines = [f"# e2e ({result['env'].get('device', device.type)}), {result['env'].get('date', '')}",
              f"command: `{result['env'].get('command', ' '.join(sys.argv))}`, git {git_label(git)}", "",
-             "| prompts | T | system | tok/s | speed-up | mean acc. len | acceptance | greedy == plain |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| prompts | T | batch | system | tok/s | speed-up | mean acc. len | acceptance | per-depth acceptance | greedy == plain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['prompt_set']} | {r['temperature']} | specrt {r['proposer']} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['prompt_set']} | {r['temperature']} | {r['batch']} | specrt {r['proposer']} | {r['tokens_per_s']:.1f} | "
                      f"{r.get('speedup_vs_plain', 1):.2f} | {r['mean_accepted_length']:.2f} | "
-                     f"{r['acceptance_rate']:.1%} | {r.get('greedy_prompts_identical', '')} |")
+                     f"{r['acceptance_rate']:.1%} | {' '.join(f'{a:.2f}' for a in r['depth_acceptance'][:5])} | "
+                     f"{r.get('greedy_prompts_identical', '')} |")
     for r in result["peers"]:
-        lines.append(f"| {r['prompt_set']} | 0 | {r['system']} ({r['mode']}, {r['device']}) | {r['tokens_per_s']:.1f} | "
-                     f"specrt {r['specrt_counterpart']} is x{r['specrt_over_peer'] or 0:.2f} | | | agrees {r['greedy_agrees_with_specrt']} |")
+        lines.append(f"| {r['prompt_set']} | 0 | 1 | {r['system']} ({r['mode']}, {r['device']}) | {r['tokens_per_s']:.1f} | "
+                     f"specrt {r['specrt_counterpart']} is x{r['specrt_over_peer'] or 0:.2f} | | | | agrees {r['greedy_agrees_with_specrt']} |")
     if "synthetic" in result:
         s = result["synthetic"]
         lines += ["", f"Synthetic Llama-3-8B geometry, {s['layers']} layers, context {s['context']}, {s['dtype']} ({s['note']}):",

@@ -201,3 +201,24 @@ def test_qwen2_coder_0_5b_matches_transformers():
         r = ref.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     assert got == r[0, len(ids):].tolist()
+
+
+def test_shipped_medusa_heads_are_lossless_and_accepted(native):
+    """The Medusa heads shipped for this model (specrt/heads/smollm2-135m-medusa): greedy output
+    equals plain decoding, batched and unbatched, page sizes 1 and 16, and the heads are
+    accepted beyond chance on a code prompt."""
+    from specrt.engine import Engine, SamplingParams
+    from specrt.proposers import MedusaProposer, default_medusa_heads
+
+    model, tok = native
+    prop = MedusaProposer(model, default_medusa_heads(model), num_nodes=12)
+    prompts = ['def is_prime(n):\n    """Return True if n is a prime number."""\n',
+               "Write a Python function that reverses a string."]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    for page_size in (1, 16):
+        ref = Engine(model, tok, page_size=page_size).generate(prompts, params)
+        for batch in (1, 2):
+            eng = Engine(model, tok, prop, page_size=page_size, max_batch_size=batch)
+            outs = eng.generate(prompts, params)
+            assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+            assert eng.metrics.mean_accepted_length > 1.3, eng.metrics.summary()
