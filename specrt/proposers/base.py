@@ -87,8 +87,11 @@ class Proposer:
         """Called once by the engine with the target model and its paged cache (proposers
         that share the target's cache, e.g. layer skip, keep them)."""
 
-    def add(self, seq: SeqView) -> None:
-        """A sequence joined the batch (its prompt is prefilled in the target's cache)."""
+    def add(self, seq: SeqView, hidden=None, aux_hidden=None) -> None:
+        """A sequence joined the batch (its prompt is prefilled in the target's cache).
+        Proposers with ``needs_hidden`` also get the target's hidden state [1, H] (and the
+        ``hidden_layers``' in ``aux_hidden``) at the prompt's last cached position, the one that
+        predicted the root; None for a one-token prompt."""
 
     def propose(self, seqs: Sequence[SeqView]) -> list[DraftTree]:
         """One draft tree per sequence (root = ``seq.token_ids[-1]``), depth <= max_draft."""
