@@ -337,8 +337,7 @@ def main(argv=None):
         plain_ids, plain_tps = None, None
         for name in proposers:
             prop = make_proposer(name, model, args, draft)
-            eng = Engine(model, tok, prop, max_batch_size=batch, max_draft=args.k,
-                         max_tree_nodes=max(64, getattr(prop, "max_nodes", 0) or 0))
+            eng = Engine(model, tok, prop, max_batch_size=batch, max_draft=args.k)
             ids, row = run_engine(eng, prompts, params, chat, batch)
             row.update({"prompt_set": set_name, "temperature": temp, "proposer": name,
                         "batch": batch})

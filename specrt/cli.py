@@ -44,9 +44,8 @@ def cmd_generate(args) -> int:
         lossy = TypicalAcceptance(args.posterior_threshold, args.posterior_alpha)
         print("[specrt] LOSSY typical acceptance: sampled output does not follow the target "
               "distribution", file=sys.stderr)
-    max_nodes = max(64, getattr(proposer, "max_nodes", 0) or 0)
     engine = Engine(model, tok, proposer, max_draft=args.num_draft, nvml=args.nvml,
-                    max_tree_nodes=max_nodes, lossy_acceptance=lossy)
+                    lossy_acceptance=lossy)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_new_tokens=args.max_new_tokens)
     for ev in engine.stream([args.prompt], params, chat=args.chat):

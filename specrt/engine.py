@@ -192,7 +192,8 @@ class Engine:
         else enough for ``max_batch_size`` sequences of ``max_seq_len``)
     max_batch_size : requests decoded together
     max_draft : largest draft depth accepted per step
-    max_tree_nodes : largest tree (pages are reserved for it)
+    max_tree_nodes : largest tree (pages are reserved for it); default 64, or the proposer's
+        ``max_nodes`` when larger
     profile : synchronize the device between phases so phase times are exact (GPU)
     nvml : measure DRAM bandwidth / SM utilization over each run with NVML GPM
         (``specrt.nvml.BandwidthMonitor``) into ``metrics.bandwidth`` (CUDA only)
@@ -205,7 +206,7 @@ class Engine:
                  page_size: int = 16, num_pages: Optional[int] = None,
                  memory_bytes: Optional[int] = None, max_batch_size: int = 32,
                  max_seq_len: Optional[int] = None, max_draft: int = 8,
-                 max_tree_nodes: int = 64, profile: bool = False, nvml: bool = False,
+                 max_tree_nodes: Optional[int] = None, profile: bool = False, nvml: bool = False,
                  lossy_acceptance=None):
         self.model = model
         self.tokenizer = tokenizer
@@ -216,6 +217,13 @@ class Engine:
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         self.max_batch_size = max_batch_size
         self.max_draft = max_draft
+        limit = getattr(self.proposer, "max_nodes", None)
+        if max_tree_nodes is None:
+            max_tree_nodes = max(64, limit or 0)
+        if limit is not None and limit > max_tree_nodes:
+            raise ValueError(f"proposer {self.proposer.name} builds trees of up to {limit} nodes, "
+                             f"more than the engine's max_tree_nodes={max_tree_nodes}: raise "
+                             "max_tree_nodes or give the proposer a smaller tree")
         self.max_tree_nodes = max_tree_nodes
         self.profile = profile
         if nvml and self.device.type != "cuda":
@@ -232,11 +240,6 @@ class Engine:
                 num_pages = max_batch_size * (-(-min(self.max_seq_len, 4096) // page_size) + 1)
         self.cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size,
                                   num_pages, self.dtype, self.device)
-        limit = getattr(self.proposer, "max_nodes", None)
-        if limit is not None and limit > max_tree_nodes:
-            raise ValueError(f"proposer {self.proposer.name} builds trees of up to {limit} nodes, "
-                             f"more than the engine's max_tree_nodes={max_tree_nodes}: raise "
-                             "max_tree_nodes or give the proposer a smaller tree")
         self.proposer.attach(model, self.cache)
         self._params_key, self._params_val = None, None  # see _request_params
         self.planner = attention_planner(cfg, page_size, self.device, max_batch_size,

@@ -585,7 +585,6 @@ class MedusaProposer(Proposer):
         else:
             self.max_nodes = num_nodes
             self.top_k = min(top_k, heads.draft_vocab_size)
-        self.tree = tree if isinstance(tree, str) else "choices"
         self._hidden: dict[int, torch.Tensor] = {}  # seq_id -> [H] pre-norm hidden
 
     # -- state --------------------------------------------------------------------------------

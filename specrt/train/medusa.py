@@ -82,6 +82,9 @@ class MedusaMethod(Method):
         else:
             inv[token_map] = torch.arange(token_map.numel())
         self.inv = inv.to(self.device)  # target id -> draft column, -2 outside the map
+        # the target's LM-head rows of the draft vocabulary (labels "target")
+        self.draft_rows = (self.proj if token_map is None
+                           else self.proj.index_select(0, token_map.to(self.device)))
 
     # ------------------------------------------------------------------------------ module
     def build(self) -> nn.Module:
@@ -111,7 +114,7 @@ class MedusaMethod(Method):
             # the target's argmax (draft columns) at positions 1..s-1: pred[:, p - 1] is its
             # guess for token p + 1; head k at t wants the guess for token t + 2 + k
             with torch.no_grad():
-                rows = self._draft_rows()
+                rows = self.draft_rows
                 pred = torch.cat([(hid[i:i + 1, 1:].float() @ rows.t()).argmax(-1)
                                   for i in range(b)])
             for k in range(k_):
@@ -125,13 +128,6 @@ class MedusaMethod(Method):
         valid = lab >= 0
         cols = torch.where(valid, self.inv[lab.clamp(min=0)], torch.full_like(lab, -1))
         return x, cols
-
-    def _draft_rows(self) -> torch.Tensor:
-        """The target's LM-head rows of the draft vocabulary (fp32, cached)."""
-        if getattr(self, "_rows", None) is None:
-            self._rows = (self.proj if self.token_map is None
-                          else self.proj.index_select(0, self.token_map.to(self.proj.device)))
-        return self._rows
 
     def _logits(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x, self.proj)  # [K, N, Vd]
