@@ -56,7 +56,8 @@ from specrt.engine import Engine, SamplingParams  # noqa: E402
 from specrt.hub import resolve_model  # noqa: E402
 from specrt.models import load_model  # noqa: E402
 from specrt.proposers import (DraftModelProposer, LayerSkipProposer, MedusaProposer,  # noqa: E402
-                              NgramProposer, default_medusa_heads)
+                              NgramProposer, default_medusa_heads,
+                              EagleProposer, default_eagle_head)
 
 CHAT_PROMPTS = [
     "Explain the difference between a list and a tuple in Python.",
@@ -141,6 +142,17 @@ def make_proposer(name, model, args, draft=None):
         elif base != "medusa":
             raise ValueError(name)
         return prop
+    if name.startswith("eagle"):
+        # eagle: the shipped EAGLE-3 head (or --eagle-head), dynamic EAGLE-2 tree; ":N" sets
+        # total_tokens (default --eagle-total: "auto" sizes each step from measured costs)
+        base, _, total = name.partition(":")
+        if base != "eagle":
+            raise ValueError(name)
+        total = total or args.eagle_total
+        head = args.eagle_head or default_eagle_head(model)
+        return EagleProposer(model, head, tree=args.eagle_tree, top_k=args.eagle_top_k,
+                             depth=args.eagle_depth,
+                             total_tokens=total if total == "auto" else int(total))
     raise ValueError(name)
 
 
@@ -290,6 +302,11 @@ def main(argv=None):
     ap.add_argument("--medusa-heads", default=None, help="default: the heads shipped for smollm2-135m")
     ap.add_argument("--medusa-tree", default="dynamic")
     ap.add_argument("--medusa-nodes", type=int, default=8, help="Medusa tree node budget (root included)")
+    ap.add_argument("--eagle-head", default=None, help="default: the EAGLE-3 head shipped for smollm2-135m")
+    ap.add_argument("--eagle-tree", default="dynamic")
+    ap.add_argument("--eagle-top-k", type=int, default=8)
+    ap.add_argument("--eagle-depth", type=int, default=5)
+    ap.add_argument("--eagle-total", default="auto", help="EAGLE tree size (root included) or auto")
     ap.add_argument("--batch-sizes", default="1", help="comma list; requests run in groups of this size")
     ap.add_argument("--hf", action="store_true", help="also run the transformers peers (greedy)")
     ap.add_argument("--synthetic", action="store_true")
@@ -337,7 +354,8 @@ def main(argv=None):
         plain_ids, plain_tps = None, None
         for name in proposers:
             prop = make_proposer(name, model, args, draft)
-            eng = Engine(model, tok, prop, max_batch_size=batch, max_draft=args.k)
+            eng = Engine(model, tok, prop, max_batch_size=batch,
+                         max_draft=max(args.k, getattr(prop, "max_depth", 0)))
             ids, row = run_engine(eng, prompts, params, chat, batch)
             row.update({"prompt_set": set_name, "temperature": temp, "proposer": name,
                         "batch": batch})

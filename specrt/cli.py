@@ -44,7 +44,9 @@ def cmd_generate(args) -> int:
         lossy = TypicalAcceptance(args.posterior_threshold, args.posterior_alpha)
         print("[specrt] LOSSY typical acceptance: sampled output does not follow the target "
               "distribution", file=sys.stderr)
-    engine = Engine(model, tok, proposer, max_draft=args.num_draft, nvml=args.nvml,
+    # --num-draft caps the tree depth; by default the proposer's own depth (4 for chains)
+    max_draft = args.num_draft or getattr(proposer, "max_depth", None) or 4
+    engine = Engine(model, tok, proposer, max_draft=max_draft, nvml=args.nvml,
                     lossy_acceptance=lossy)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_new_tokens=args.max_new_tokens)
@@ -84,8 +86,10 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--proposer", default="none", help="none | ngram | draft | layer-skip | medusa")
-    g.add_argument("--num-draft", type=int, default=4, help="draft tokens per step")
+    g.add_argument("--proposer", default="none",
+                   help="none | ngram | draft | layer-skip | medusa | eagle")
+    g.add_argument("--num-draft", type=int, default=None,
+                   help="draft tokens per step / deepest tree level (default 4; eagle: its --eagle-depth)")
     g.add_argument("--draft-model", default=None, help="draft model for --proposer draft")
     g.add_argument("--skip-layers", type=int, default=None, help="layers kept by --proposer layer-skip")
     g.add_argument("--medusa-heads", default=None,
@@ -94,6 +98,16 @@ def main(argv=None) -> int:
                    help="dynamic (default) | mc_sim_7b_63 | calibrated | FILE.json (choice paths)")
     g.add_argument("--num-nodes", type=int, default=None,
                    help="tree node budget, root included (Medusa dynamic / calibrated trees; default 16)")
+    g.add_argument("--eagle-head", default=None,
+                   help="EAGLE-1/2 or EAGLE-3 checkpoint (SafeAILab layout; default: the EAGLE-3 "
+                        "head shipped for smollm2-135m)")
+    g.add_argument("--eagle-tree", default=None,
+                   help="dynamic (EAGLE-2, default) | mc_sim_7b_63 | FILE.json (rank paths)")
+    g.add_argument("--eagle-top-k", type=int, default=None, help="EAGLE-2 frontier width (default 8)")
+    g.add_argument("--eagle-depth", type=int, default=None, help="EAGLE-2 tree depth (default 5)")
+    g.add_argument("--total-tokens", default=None,
+                   help="EAGLE-2 tree size, root included, or 'auto' (default: sized per step "
+                        "from this device's measured verify cost)")
     g.add_argument("--lossy-typical-acceptance", action="store_true",
                    help="LOSSY: the Medusa reference's typical acceptance for sampled requests "
                         "(output no longer follows the target distribution)")

@@ -429,18 +429,23 @@ class Engine:
             flat = torch.tensor([t for s in todo for t in s.tokens[:-1]], dtype=torch.long, device=self.device)
             pos = torch.cat([torch.arange(c, dtype=torch.long) for c in counts]).to(self.device)
             # Proposers that draft from the target's hidden states get the prompt's last
-            # cached position (the one that predicted the root); the others, no logits at all.
+            # cached position (the one that predicted the root), or every cached position
+            # (``prompt_hidden = "all"``, EAGLE); the others, no logits at all.
             want = self.proposer.needs_hidden
-            rows = (torch.tensor(list(itertools.accumulate(counts)), dtype=torch.long,
-                                 device=self.device) - 1 if want
-                    else torch.empty(0, dtype=torch.long, device=self.device))
+            every = want and getattr(self.proposer, "prompt_hidden", "last") == "all"
+            ends = list(itertools.accumulate(counts))
+            rows = (torch.tensor(ends, dtype=torch.long, device=self.device) - 1
+                    if want and not every else torch.empty(0, dtype=torch.long, device=self.device))
             out = self.model(flat, pos, self.cache.kv, meta, logits_rows=rows,
-                             hidden_layers=tuple(self.proposer.hidden_layers) if want else ())
+                             hidden_layers=tuple(self.proposer.hidden_layers) if want else (),
+                             hidden_rows=(torch.arange(ends[-1], device=self.device)
+                                          if every else None))
             for i, (s, c) in enumerate(zip(todo, counts)):
                 self.cache.commit(s.sid, c)
                 if want:
-                    prefill_hidden[s.sid] = (out.hidden[i:i + 1],
-                                             {l: h[i:i + 1] for l, h in out.aux_hidden.items()})
+                    a, b = (ends[i] - c, ends[i]) if every else (i, i + 1)
+                    prefill_hidden[s.sid] = (out.hidden[a:b],
+                                             {l: h[a:b] for l, h in out.aux_hidden.items()})
         for s in new:
             view = s.view(len(s.tokens) - 1, 0)
             if s.sid in prefill_hidden:

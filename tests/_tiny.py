@@ -43,3 +43,30 @@ class CharTokenizer:
 
     def apply_chat_template(self, messages):
         return messages[-1]["content"]
+
+
+def random_eagle_head(target, variant="eagle3", seed=0, draft_vocab=None, feature_layers=None,
+                      scale=1.0):
+    """An EAGLE head with random weights for ``target`` (EAGLE-3: a random reduced draft
+    vocabulary of ``draft_vocab`` target ids when given)."""
+    from specrt.proposers.eagle import EagleConfig, EagleHead
+
+    cfg = EagleConfig.for_target(target.config, variant, draft_vocab_size=draft_vocab,
+                                 feature_layers=feature_layers)
+    h = EagleHead(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in h.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (scale / p.shape[-1] ** 0.5))
+        if variant == "eagle3":
+            v, d = cfg.vocab_size, cfg.draft_vocab_size
+            ids = torch.randperm(v, generator=g)[:d].sort().values
+            h.d2t.copy_(ids - torch.arange(d))
+            h.t2d.zero_()
+            h.t2d[ids] = True
+    return h.eval().requires_grad_(False)

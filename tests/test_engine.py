@@ -22,11 +22,11 @@ import torch
 from specrt import ops
 from specrt.engine import Engine, SamplingParams
 from specrt.acceptance import TypicalAcceptance
-from specrt.proposers import (DraftModelProposer, LayerSkipProposer, MedusaHeads, MedusaProposer,
-                              NgramProposer, Proposer)
+from specrt.proposers import (DraftModelProposer, EagleProposer, LayerSkipProposer, MedusaHeads,
+                              MedusaProposer, NgramProposer, Proposer)
 from specrt.tree import DraftTree
 
-from _tiny import CharTokenizer, tiny_model
+from _tiny import CharTokenizer, random_eagle_head, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,12 @@ def _mixed_proposers(target, draft):
         "self-draft-tree": lambda: DraftModelProposer(target, v, k=3, tree_width=2),
         "layer-skip": lambda: LayerSkipProposer(target, 2, k=3),
         # sampled requests' branching deterministic trees next to draft probabilities
+        "eagle3": lambda: EagleProposer(
+            tgt, random_eagle_head(tgt, "eagle3", seed=13, feature_layers=(1, 1, 2), scale=2.0),
+            top_k=3, depth=_K, total_tokens=10),
+        "eagle1-choices": lambda: EagleProposer(
+            tgt, random_eagle_head(tgt, "eagle1", seed=14, scale=2.0),
+            tree=[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]),
         "mixed": lambda: MixedProposer(DraftModelProposer(draft, v, k=3),
                                        RandomTreeProposer(v, max_nodes=12, near=8)),
     }
@@ -391,6 +397,12 @@ def _stat_proposer(name, tgt, drf, table):
         "medusa-choices": lambda: MedusaProposer(
             tgt, _random_heads(tgt, _K, seed=12),
             tree=[[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]]),
+        "eagle3": lambda: EagleProposer(
+            tgt, random_eagle_head(tgt, "eagle3", seed=13, feature_layers=(1, 1, 2), scale=2.0),
+            top_k=3, depth=_K, total_tokens=10),
+        "eagle1-choices": lambda: EagleProposer(
+            tgt, random_eagle_head(tgt, "eagle1", seed=14, scale=2.0),
+            tree=[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]),
         "mixed": lambda: MixedProposer(DraftModelProposer(drf, _VOCAB, k=_K),
                                        ExactTreeProposer(table, len(_PROMPT), width=2)),
     }[name]()
@@ -424,13 +436,15 @@ _N_STAT = 3000
     ("mixed", 1.0, 0, 1.0),
     ("medusa", 1.0, 0, 1.0),
     ("medusa-choices", 0.8, 4, 0.9),
+    ("eagle3", 1.0, 0, 1.0),
+    ("eagle1-choices", 0.7, 0, 0.9),
 ])
 def test_sampling_lossless_end_to_end(stat_models, name, temperature, top_k, top_p):
     """Chi-square of the first k + 1 = 4 emitted tokens (jointly) over 3000 seeds against the
     target's exact distribution. With max_new_tokens = k + 1 the first step drafts to the
     full depth k = 3, so deep acceptance, sibling rejection at every level and the bonus token
     after k accepted drafts all shape the tested distribution. alpha = 1e-4 per case: the
-    false-failure rate of the 12 cases is at most 1.2e-3 (the seeds are fixed, so a given build
+    false-failure rate of the 14 cases is at most 1.4e-3 (the seeds are fixed, so a given build
     either passes or fails deterministically)."""
     pytest.importorskip("scipy.stats")
     tgt, drf = stat_models

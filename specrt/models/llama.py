@@ -153,7 +153,8 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 attn: AttentionMetadata, logits_rows: Optional[torch.Tensor] = None,
-                hidden_layers: tuple = (), num_layers: Optional[int] = None) -> ModelOutput:
+                hidden_layers: tuple = (), num_layers: Optional[int] = None,
+                hidden_rows: Optional[torch.Tensor] = None) -> ModelOutput:
         """Run the new tokens of a ragged batch through the model.
 
         Parameters
@@ -170,6 +171,9 @@ class LlamaModel(nn.Module):
             prompt); default all ``N`` rows.
         hidden_layers : tuple of int
             Layers whose output (residual stream) is returned in ``aux_hidden``.
+        hidden_rows : int64 [m], optional
+            Rows for which ``hidden`` / ``aux_hidden`` are returned, when they differ from
+            ``logits_rows`` (e.g. every prompt row for EAGLE, logits for none).
         num_layers : int, optional
             Run only the first ``num_layers`` layers, then the final norm and LM head
             (self-speculative layer-skip drafting; shares weights and cache pages).
@@ -190,12 +194,14 @@ class LlamaModel(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)
         wanted = set(hidden_layers)
         aux = {}
+        hrows = logits_rows if hidden_rows is None else hidden_rows
         for i in range(n_run):
             x = self.layers[i](x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], attn)
             if i in wanted:
-                aux[i] = x if logits_rows is None else x[logits_rows]
-        hidden = x if logits_rows is None else x[logits_rows]
-        logits = F.linear(self.norm(hidden), self.lm_head).float()
+                aux[i] = x if hrows is None else x[hrows]
+        hidden = x if hrows is None else x[hrows]
+        last = hidden if hidden_rows is None else (x if logits_rows is None else x[logits_rows])
+        logits = F.linear(self.norm(last), self.lm_head).float()
         return ModelOutput(logits=logits, hidden=hidden, aux_hidden=aux)
 
     # ----------------------------------------------------------------------------------------

@@ -3,34 +3,55 @@ from __future__ import annotations
 
 from .base import NoProposer, Proposer, SeqView, StepResult
 from .draft_model import AutoregressiveDrafter, DraftModelProposer
+from .eagle import EagleHead, EagleProposer, load_eagle_head
 from .layer_skip import LayerSkipProposer
 from .medusa import MedusaHeads, MedusaProposer
 from .ngram import NgramProposer
 
 __all__ = ["Proposer", "NoProposer", "SeqView", "StepResult", "NgramProposer",
            "DraftModelProposer", "LayerSkipProposer", "AutoregressiveDrafter", "MedusaHeads",
-           "MedusaProposer", "create", "default_medusa_heads"]
+           "MedusaProposer", "EagleHead", "EagleProposer", "load_eagle_head", "create",
+           "default_medusa_heads", "default_eagle_head"]
+
+
+def _shipped(target, name: str, what: str, option: str) -> str:
+    """A head shipped for the default model (SmolLM2-135M-Instruct), if ``target`` has its
+    geometry; raises ValueError otherwise."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "heads" / name
+    c = target.config
+    if (c.hidden_size, c.vocab_size, c.num_layers) != (576, 49152, 30):
+        raise ValueError(f"{what} needs {option} PATH: specrt ships heads for the default "
+                         "model (smollm2-135m) only")
+    if not path.is_dir():
+        raise ValueError(f"the shipped heads are missing ({path}); pass {option}")
+    return str(path)
 
 
 def default_medusa_heads(target) -> str:
-    """The Medusa heads shipped for the default model (SmolLM2-135M-Instruct), if ``target``
-    has its geometry; raises ValueError otherwise."""
-    from pathlib import Path
+    """The Medusa heads shipped for the default model."""
+    return _shipped(target, "smollm2-135m-medusa", "--proposer medusa", "--medusa-heads")
 
-    path = Path(__file__).resolve().parent.parent / "heads" / "smollm2-135m-medusa"
-    c = target.config
-    if (c.hidden_size, c.vocab_size, c.num_layers) != (576, 49152, 30):
-        raise ValueError("--proposer medusa needs --medusa-heads PATH: specrt ships heads for "
-                         "the default model (smollm2-135m) only")
-    if not path.is_dir():
-        raise ValueError(f"the shipped Medusa heads are missing ({path}); pass --medusa-heads")
-    return str(path)
+
+def default_eagle_head(target) -> str:
+    """The EAGLE-3 head shipped for the default model."""
+    return _shipped(target, "smollm2-135m-eagle3", "--proposer eagle", "--eagle-head")
+
+
+def _tree_arg(tree):
+    if isinstance(tree, str) and tree.endswith(".json"):
+        import json
+
+        with open(tree) as f:
+            return json.load(f)
+    return tree
 
 
 def create(name: str, target, args=None) -> Proposer:
     """Build a proposer by CLI name: ``none``, ``ngram``, ``draft``, ``layer-skip``,
-    ``medusa``."""
-    k = getattr(args, "num_draft", 4) if args is not None else 4
+    ``medusa``, ``eagle``."""
+    k = (getattr(args, "num_draft", None) if args is not None else None) or 4
     if name in ("none", None):
         return NoProposer()
     if name == "ngram":
@@ -50,12 +71,19 @@ def create(name: str, target, args=None) -> Proposer:
         return DraftModelProposer(draft, target.config.vocab_size, k=k)
     if name == "medusa":
         heads = getattr(args, "medusa_heads", None) or default_medusa_heads(target)
-        tree = getattr(args, "medusa_tree", None) or "dynamic"
-        if tree.endswith(".json"):
-            import json
-
-            with open(tree) as f:
-                tree = json.load(f)
+        tree = _tree_arg(getattr(args, "medusa_tree", None) or "dynamic")
         return MedusaProposer(target, heads, tree=tree,
                               num_nodes=getattr(args, "num_nodes", None) or 16)
-    raise ValueError(f"unknown proposer {name!r} (none, ngram, draft, layer-skip, medusa)")
+    if name == "eagle":
+        head = getattr(args, "eagle_head", None) or default_eagle_head(target)
+        tree = _tree_arg(getattr(args, "eagle_tree", None) or "dynamic")
+        total = getattr(args, "total_tokens", None) or "auto"
+        if total != "auto":
+            try:
+                total = int(total)
+            except ValueError:
+                raise ValueError(f"--total-tokens must be an integer or 'auto', got {total!r}")
+        return EagleProposer(target, head, tree=tree, total_tokens=total,
+                             top_k=getattr(args, "eagle_top_k", None) or 8,
+                             depth=getattr(args, "eagle_depth", None) or 5)
+    raise ValueError(f"unknown proposer {name!r} (none, ngram, draft, layer-skip, medusa, eagle)")

@@ -82,6 +82,9 @@ class Proposer:
     needs_hidden: bool = False
     #: intermediate target layers whose hidden states commit() wants (EAGLE-3)
     hidden_layers: tuple = ()
+    #: prompt hidden states handed to add(): "last" (the last cached position) or "all"
+    #: (every cached prompt position, for heads with their own cache such as EAGLE)
+    prompt_hidden: str = "last"
 
     def attach(self, model, cache) -> None:
         """Called once by the engine with the target model and its paged cache (proposers
@@ -91,7 +94,8 @@ class Proposer:
         """A sequence joined the batch (its prompt is prefilled in the target's cache).
         Proposers with ``needs_hidden`` also get the target's hidden state [1, H] (and the
         ``hidden_layers``' in ``aux_hidden``) at the prompt's last cached position, the one that
-        predicted the root; None for a one-token prompt."""
+        predicted the root, or [committed_len, H] at every cached position when
+        ``prompt_hidden == "all"``; None for a one-token prompt."""
 
     def propose(self, seqs: Sequence[SeqView]) -> list[DraftTree]:
         """One draft tree per sequence (root = ``seq.token_ids[-1]``), depth <= max_draft."""
