@@ -515,3 +515,47 @@ def test_bad_arguments(target):
     with pytest.raises(ValueError, match="EAGLE-3 reads 3"):
         EagleConfig.for_target(target.config, "eagle3").__class__(
             **{**EagleConfig.for_target(target.config, "eagle3").__dict__, "feature_layers": (1, 2)})
+
+
+def test_auto_size_follows_the_cost_table(target):
+    """total_tokens='auto': with a flat verify cost every scored node is worth verifying; with
+    a cost that grows faster than the nodes' acceptance probabilities nothing is (plain
+    decoding); in between, the count that maximises expected tokens per second."""
+    from specrt.proposers.eagle import _Draft
+
+    head = random_eagle_head(target, "eagle1", seed=15)
+    prop = EagleProposer(target, head, top_k=4, depth=3, total_tokens="auto", num_pages=32)
+    d = _Draft()
+    probs = [0.9, 0.8, 0.5, 0.2, 0.05]
+    for p in probs:
+        d.add(1, -1, math.log(p), 1)
+    order = sorted(range(len(probs)), key=lambda n: (-d.scores[n], n))
+    prop._draft_cost = 0.0
+    prop._cost = [(1, 1.0), (64, 1.0)]  # flat: verify 64 nodes for the price of one
+    assert prop._auto_sizes([d], [order]) == [5]
+    prop._cost = [(1, 1.0), (2, 3.0), (64, 125.0)]  # each node costs two decode steps
+    assert prop._auto_sizes([d], [order]) == [0]
+    prop._cost = [(1, 1.0), (64, 1.0 + 63 * 0.25)]  # +25% per node
+    # E/T: m=0 1/1; m=1 1.9/1.25=1.52; m=2 2.7/1.5=1.8; m=3 3.2/1.75=1.83; m=4 3.4/2=1.7
+    assert prop._auto_sizes([d], [order]) == [3]
+    # two sequences share one budget: the best nodes of either go first
+    d2 = _Draft()
+    for p in (0.95, 0.1):
+        d2.add(1, -1, math.log(p), 1)
+    o2 = [0, 1]
+    prop._cost = [(1, 0.5), (64, 0.5 + 63 * 0.25)]
+    sizes = prop._auto_sizes([d, d2], [order, o2])
+    assert sizes[1] == 1 and sizes[0] >= 2
+
+
+def test_wide_trees_beyond_64_drafted_nodes(target):
+    """top_k 10, depth 8: 70 nodes run through the head per step (mask rows wider than one
+    machine word), 64-node trees; still greedy-exact."""
+    head = random_eagle_head(target, "eagle3", seed=16, draft_vocab=90, scale=2.0)
+    prompts = _prompts(3, seed=8)
+    sp = SamplingParams(max_new_tokens=12)
+    ref = Engine(target, proposer=NoProposer()).generate(prompts, sp)
+    prop = EagleProposer(target, head, top_k=10, depth=8, total_tokens=64)
+    out = Engine(target, proposer=prop, max_draft=8).generate(prompts, sp)
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+    assert max(prop.last_sizes, default=0) == 64 or not prop.last_sizes

@@ -258,16 +258,32 @@ class EagleHead(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
     # -- paged inference ----------------------------------------------------------------------
-    def paged_forward(self, emb, h, cos, sin, kv: torch.Tensor, attn: AttentionMetadata):
+    def paged_forward(self, emb, h, cos, sin, kv: torch.Tensor, attn: AttentionMetadata,
+                      rows: Optional[torch.Tensor] = None):
         """One head pass over a ragged batch of new tokens on a one-layer paged cache
-        ``kv`` [1, 2, pages, page_size, Hkv, D] (their K/V are written first)."""
+        ``kv`` [1, 2, pages, page_size, Hkv, D] (their K/V are written first).
+
+        ``rows`` (int64 [m], optional): only these of the ``attn``'s N query rows are new;
+        ``emb`` / ``h`` / ``cos`` / ``sin`` then hold those m rows, the other rows' K/V must
+        already sit at their slots (``attn.slot_mapping`` -1 there: not rewritten) and their
+        outputs are not computed. Returns the output hidden states of the computed rows.
+        """
         a, res = self.inputs(emb, h)
         q, k, v = self.qkv(a, cos, sin)
+        if rows is not None:
+            n = attn.slot_mapping.shape[0]
+            qf = q.new_zeros((n,) + q.shape[1:])
+            kf = k.new_zeros((n,) + k.shape[1:])
+            vf = v.new_zeros((n,) + v.shape[1:])
+            qf[rows], kf[rows], vf[rows] = q, k, v
+            q, k, v = qf, kf, vf
         ops.append_kv(k, v, kv[0, 0], kv[0, 1], attn.slot_mapping, validate=not attn.trusted)
         o = ops.tree_attention(q, kv[0, 0], kv[0, 1], attn.block_table, attn.seq_lens,
                                attn.qo_indptr, attn.mask, sm_scale=self.cfg.head_dim ** -0.5,
                                validate=not attn.trusted)
-        return self.finish(res, o.reshape(q.shape[0], -1))
+        if rows is not None:
+            o = o[rows]
+        return self.finish(res, o.reshape(o.shape[0], -1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -775,10 +791,17 @@ class EagleProposer(Proposer):
         return sorted(kids, key=lambda n: (-d.scores[n], n))[: self.top_k]
 
     def _run_frontier(self, seqs, drafts, dev):
-        """One head forward over every sequence's drafted-so-far nodes (earlier frontiers are
-        re-run in place: the op's mask only covers this forward's new tokens)."""
-        toks, hs, pos, counts, masks = [], [], [], [], []
+        """One head forward over every sequence's new frontier. The op's mask only covers the
+        forward's own new tokens, so earlier frontiers are query rows again (their K/V stay at
+        their slots, slot -1: not rewritten; their outputs are not computed)."""
+        toks, hs, pos, counts, new_rows, slots = [], [], [], [], [], []
+        masks = []
+        c = self.cache
+        c.reserve_batch({s.seq_id: s.committed_len + len(d.run) + len(d.frontier)
+                         for s, d in zip(seqs, drafts)})
+        base = 0
         for s, d in zip(seqs, drafts):
+            old = len(d.run)
             for n in d.frontier:
                 d.run_idx[n] = len(d.run)
                 par = d.parents[n]
@@ -787,42 +810,41 @@ class EagleProposer(Proposer):
                     bits |= d.anc[d.run_idx[par]]
                 d.anc.append(bits)
                 d.run.append(n)
-            for n in d.run:
                 toks.append(d.tokens[n])
-                par = d.parents[n]
                 hs.append(d.hidden[par] if par >= 0 else self._last[s.seq_id])
                 pos.append(s.committed_len - 1 + d.depths[n])
-            counts.append(len(d.run))
+            m = len(d.run)
+            new_rows.extend(range(base + old, base + m))
+            slots.extend([-1] * old)
+            slots.extend(c.slot_mapping(s.seq_id, s.committed_len + old, m - old))
+            counts.append(m)
+            masks.append(d.anc)
+            base += m
         width = max(counts)
-        mask = np.zeros((sum(counts), width), dtype=bool)
+        mask = np.zeros((base, width), dtype=bool)
+        cols = np.arange(width, dtype=np.int64)
         r = 0
-        for d in drafts:
-            for bits in d.anc:
-                for j in range(len(d.run)):
-                    mask[r, j] = (bits >> j) & 1
+        for anc in masks:
+            for bits in anc:  # python ints: any width
+                mask[r] = ((bits >> cols) & 1 if width < 63
+                           else [(bits >> j) & 1 for j in range(width)])
                 r += 1
-        ids = [s.seq_id for s in seqs]
-        c = self.cache
-        c.reserve_batch({s.seq_id: s.committed_len + n for s, n in zip(seqs, counts)})
-        slots = []
-        for s, n in zip(seqs, counts):
-            slots.extend(c.slot_mapping(s.seq_id, s.committed_len, n))
         indptr = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         meta = AttentionMetadata(
             qo_indptr=torch.from_numpy(indptr).to(device=dev, dtype=torch.int32),
             seq_lens=torch.tensor([s.committed_len + n for s, n in zip(seqs, counts)],
                                   dtype=torch.int32, device=dev),
-            block_table=c.block_table(ids, device=dev),
+            block_table=c.block_table([s.seq_id for s in seqs], device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             mask=pack_mask(torch.from_numpy(mask)).to(dev), trusted=True)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
-        cos, sin = self._rope(pos_t)
+        cos, sin = self._rope(torch.tensor(pos, dtype=torch.long, device=dev))
         out = self.head.paged_forward(F.embedding(torch.tensor(toks, device=dev), self._embed),
-                                      torch.stack(hs), cos, sin, c.kv, meta)
+                                      torch.stack(hs), cos, sin, c.kv, meta,
+                                      rows=torch.tensor(new_rows, dtype=torch.long, device=dev))
         r = 0
         for d in drafts:
-            for n in d.run:
+            for n in d.frontier:
                 d.hidden[n] = out[r]
                 r += 1
 
