@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     g.set_defaults(func=cmd_generate)
     # Training lives in specrt.train, imported only when this command runs; it parses its own
     # options (listed here for --help only).
-    sub.add_parser("train", add_help=False, help="train proposer heads (specrt train medusa --help)")
+    sub.add_parser("train", add_help=False, help="train proposer heads (specrt train medusa|eagle3|eagle --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
         from .train.cli import main as train_main

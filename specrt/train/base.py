@@ -1,4 +1,4 @@
-"""The plug-in interface of a trainable proposer (Medusa today; EAGLE / MTP later).
+"""The plug-in interface of a trainable proposer (Medusa, EAGLE-3, EAGLE-1; MTP later).
 
 The trainer owns everything method-independent (data, hidden-state cache, distribution,
 optimizer, schedule, checkpoints, evaluation loop); a :class:`Method` says what is trained and
@@ -18,7 +18,10 @@ class Method:
     """A trainable proposer on a frozen target.
 
     A batch is a dict with ``tokens`` (int64 [B, S], PAD = -1) and ``hidden`` (the target's
-    final-normed hidden states, float [B, S, H]).
+    final-normed hidden states, float [B, S, H]); with a hidden-state cache of kind
+    ``"eagle3"`` (a method's ``cache_kind`` attribute, default ``"final_norm"``, and its
+    ``feature_layers``) also ``features`` (float [B, S, 3H]) and ``argmax`` (the target's
+    greedy next token, int64 [B, S], -1 on padding).
     """
 
     #: name used by the CLI and in output cards

@@ -9,11 +9,8 @@ import sys
 __all__ = ["build_parser", "main", "config_from_args"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="specrt train",
-                                 description="train proposer heads on a frozen target")
-    sub = ap.add_subparsers(dest="method", required=True)
-    m = sub.add_parser("medusa", help="Medusa-1 heads (ResBlock-only layout + token_map)")
+def _common(m: argparse.ArgumentParser) -> None:
+    """Options every method shares (data, schedule, caches, output, distribution)."""
     m.add_argument("--model", default="smollm2-135m",
                    help="target: local HF dir, .gguf file, or a known name")
     m.add_argument("--data", action="append", default=None,
@@ -22,13 +19,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--self-distill", action="append", default=[],
                    help="stage-2 prompts: 'stdlib-defs' (def + docstring completions), 'chat' "
                         "(the chat prompts shipped with specrt) or PROMPTS.jsonl (repeatable)")
-    m.add_argument("--num-heads", type=int, default=4)
-    m.add_argument("--num-layers", type=int, default=1)
-    m.add_argument("--draft-vocab", type=int, default=8192,
-                   help="draft vocabulary: the N most frequent training tokens (0: full)")
-    m.add_argument("--labels", choices=["text", "target"], default="text",
-                   help="head targets: the data's tokens, or the target's own greedy predictions "
-                        "of them (what greedy verification accepts)")
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--steps", type=int, default=1000, help="stage-1 steps")
     m.add_argument("--stage2-steps", type=int, default=0, help="stage-2 (self-distilled) steps")
@@ -54,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hidden-batch-tokens", type=int, default=4096)
     m.add_argument("--ckpt-every", type=int, default=200)
     m.add_argument("--log-every", type=int, default=10)
-    m.add_argument("--layout", default="resblock", choices=["resblock", "medusa1", "vllm"])
     m.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     m.add_argument("--fsdp", action="store_true",
                    help="shard the frozen target's decoder layers with FSDP2 (torchrun)")
@@ -66,6 +55,39 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--distill-time-budget", type=float, default=None,
                    help="seconds; stop submitting prompts after it (the result is cached)")
     m.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specrt train",
+                                 description="train proposer heads on a frozen target")
+    sub = ap.add_subparsers(dest="method", required=True)
+    m = sub.add_parser("medusa", help="Medusa-1 heads (ResBlock-only layout + token_map)")
+    _common(m)
+    m.add_argument("--num-heads", type=int, default=4)
+    m.add_argument("--num-layers", type=int, default=1)
+    m.add_argument("--draft-vocab", type=int, default=8192,
+                   help="draft vocabulary: the N most frequent training tokens (0: full)")
+    m.add_argument("--labels", choices=["text", "target"], default="text",
+                   help="head targets: the data's tokens, or the target's own greedy predictions "
+                        "of them (what greedy verification accepts)")
+    m.add_argument("--layout", default="resblock", choices=["resblock", "medusa1", "vllm"])
+
+    e3 = sub.add_parser("eagle3", help="EAGLE-3 head (training-time test; SafeAILab layout)")
+    _common(e3)
+    e3.add_argument("--draft-vocab", type=int, default=8192,
+                    help="draft vocabulary: the N most frequent training tokens (0: full)")
+    e3.add_argument("--length", type=int, default=4,
+                    help="training-time-test steps (the reference uses 7)")
+    e3.add_argument("--eval-length", type=int, default=0,
+                    help="steps scored on the held-out data (0: max(length, 5))")
+
+    e1 = sub.add_parser("eagle", aliases=["eagle1"],
+                        help="EAGLE-1 head (feature regression; SafeAILab layout)")
+    _common(e1)
+    e1.add_argument("--noise", type=float, default=0.2,
+                    help="uniform feature noise, the reference's std (scaled by 512 / seq-len)")
+    e1.add_argument("--eval-length", type=int, default=5,
+                    help="unrolled steps scored on the held-out data")
     return ap
 
 
@@ -78,6 +100,10 @@ def config_from_args(args):
             setattr(cfg, k, getattr(args, k))
     if args.data is None:
         cfg.data = ["stdlib"]
+    if cfg.method == "eagle1":
+        cfg.method = "eagle"
+    if cfg.method == "eagle":
+        cfg.draft_vocab = 0  # EAGLE-1 predicts through the target's LM head
     return cfg
 
 

@@ -78,6 +78,13 @@ class TrainConfig:
     distill_time_budget: Optional[float] = None
     stop_after: Optional[int] = None  # testing: leave after this many steps, as if killed
     command: Optional[str] = None
+    # EAGLE
+    length: int = 4  # EAGLE-3 training-time-test steps
+    eval_length: int = 0  # steps scored in evaluation (0: max(length, 5))
+    noise: float = 0.2  # EAGLE-1 uniform feature noise (the reference's std)
+
+#: TrainConfig fields that only EAGLE runs read (left out of Medusa checkpoints' fingerprint)
+_EAGLE_FIELDS = ("length", "eval_length", "noise")
 
 
 def _log(*a):
@@ -90,7 +97,8 @@ def _fingerprint(cfg: TrainConfig) -> str:
     keep = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in ("resume", "out", "cache_dir", "stop_after", "command", "ckpt_every",
                          "keep_checkpoints", "log_every", "device", "hidden_batch_tokens",
-                         "layout", "save_dtype", "fsdp", "distill_time_budget")}
+                         "layout", "save_dtype", "fsdp", "distill_time_budget", "eval_length")
+            and not (cfg.method == "medusa" and k in _EAGLE_FIELDS)}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -185,13 +193,11 @@ def evaluate(method, module, cache: HiddenCache, batch_rows: int, device) -> dic
     counters: dict = {}
     idx = np.arange(rank, len(cache), world)
     for i in range(0, len(idx), batch_rows):
-        tok, hid = cache.rows(idx[i:i + batch_rows], device)
-        c = method.eval_counters(_unwrap(module), {"tokens": tok, "hidden": hid})
+        c = method.eval_counters(_unwrap(module), cache.batch(idx[i:i + batch_rows], device))
         for k, v in c.items():
             counters[k] = counters.get(k, 0) + v.double()
     if not counters:  # this rank had no rows: zero counters of the right shape
-        tok, hid = cache.rows([0], device)
-        c = method.eval_counters(_unwrap(module), {"tokens": tok, "hidden": hid})
+        c = method.eval_counters(_unwrap(module), cache.batch([0], device))
         counters = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in c.items()}
     for k in sorted(counters):
         counters[k] = dist.all_reduce_sum(counters[k])
@@ -250,8 +256,9 @@ def train_on_rows(cfg: TrainConfig, method, stage_caches: list, *, device="cpu",
         cache = stage_caches[stage]
         local = step - (0 if stage == 0 else stages[0])
         rows = _global_rows(cfg.seed, stage, local, cfg.batch_size, len(cache))
-        tok, hid = cache.rows(rows[rank::world], device)
-        sums, counts, metrics = method.loss_terms(module, {"tokens": tok, "hidden": hid})
+        batch = cache.batch(rows[rank::world], device)
+        tok = batch["tokens"]
+        sums, counts, metrics = method.loss_terms(module, batch)
         g = dist.all_reduce_sum(counts.detach().clone())
         loss = (weights * sums / g.clamp(min=1)).sum() * world
         opt.zero_grad(set_to_none=True)
@@ -338,11 +345,19 @@ def run(cfg: TrainConfig, model=None, tokenizer=None, model_path: Optional[str] 
 
     if cfg.method not in METHODS:
         raise ValueError(f"unknown training method {cfg.method!r} (known: {', '.join(METHODS)})")
-    if cfg.num_heads < 1:
+    medusa = cfg.method == "medusa"
+    if medusa and cfg.num_heads < 1:
         raise ValueError(f"--num-heads must be >= 1, got {cfg.num_heads}")
-    if cfg.seq_len < cfg.num_heads + 2:
+    if medusa and cfg.seq_len < cfg.num_heads + 2:
         raise ValueError(f"--seq-len {cfg.seq_len} is too small: every Medusa head needs a "
                          f"target inside the row (seq_len >= num_heads + 2 = {cfg.num_heads + 2})")
+    if not medusa:
+        if cfg.length < 1:
+            raise ValueError(f"--length must be >= 1, got {cfg.length}")
+        if cfg.seq_len < cfg.length + 2:
+            raise ValueError(f"--seq-len {cfg.seq_len} is too small: every training-time-test "
+                             f"step needs a target inside the row (seq_len >= length + 2 = "
+                             f"{cfg.length + 2})")
     if cfg.steps < 0 or cfg.stage2_steps < 0 or cfg.steps + cfg.stage2_steps < 1:
         raise ValueError("need --steps + --stage2-steps >= 1 (and neither negative)")
     if cfg.batch_size < dist.world_size():
@@ -401,33 +416,55 @@ def run(cfg: TrainConfig, model=None, tokenizer=None, model_path: Optional[str] 
         _log(f"[train] stage 2 data: {len(tr)} self-distilled sequences "
              f"({int((stage_rows[1] != PAD).sum())} tokens), {len(ho)} held out")
 
+    # ---- method
+    from .medusa import MedusaMethod, build_token_map
+
+    cfgm = model.config
+    token_map = None
+    if cfg.method != "eagle":  # EAGLE-1 predicts through the target's full LM head
+        token_map = build_token_map([r for r in stage_rows if r is not None],
+                                    cfgm.vocab_size, cfg.draft_vocab)
+    if medusa:
+        method = MedusaMethod(cfgm.hidden_size, cfgm.vocab_size, model.lm_head,
+                              num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                              token_map=token_map, labels=cfg.labels, device=device)
+    elif cfg.method == "eagle3":
+        from .eagle import Eagle3Method
+
+        method = Eagle3Method(model, token_map, length=cfg.length,
+                              eval_length=cfg.eval_length or None, device=device)
+    else:
+        from .eagle import Eagle1Method
+
+        method = Eagle1Method(model, noise=cfg.noise, eval_length=cfg.eval_length or 5,
+                              device=device)
+    if token_map is not None:
+        cover = _coverage(stage_rows, token_map)
+        _log(f"[train] draft vocabulary {token_map.numel()} of {cfgm.vocab_size} tokens "
+             f"covers {cover:.2%} of training tokens")
+
     # ---- hidden states
+    kind = getattr(method, "cache_kind", "final_norm")
+    layers = tuple(getattr(method, "feature_layers", ()))
+    if kind != "final_norm":
+        _log(f"[train] hidden-state cache kind {kind}: target feature layers {list(layers)}")
+
     def hc(rows, name):
         return compute_hidden_cache(model, rows, cache_dir, fingerprint=fingerprint, name=name,
                                     dtype=cfg.hidden_dtype,
                                     tokens_per_batch=cfg.hidden_batch_tokens, device=device,
-                                    log=_log)
+                                    log=_log, kind=kind, feature_layers=layers)
 
     caches = [hc(r, n) if r is not None else None
               for r, n in zip(stage_rows, ("stage 1", "stage 2"))]
     held = {k: hc(v, f"held-out {k}") for k, v in heldout.items()}
 
-    # ---- method
-    from .medusa import MedusaMethod, build_token_map
-
-    cfgm = model.config
-    token_map = build_token_map([r for r in stage_rows if r is not None], cfgm.vocab_size,
-                                cfg.draft_vocab)
-    method = MedusaMethod(cfgm.hidden_size, cfgm.vocab_size, model.lm_head,
-                          num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                          token_map=token_map, labels=cfg.labels, device=device)
-    if token_map is not None:
-        cover = _coverage(stage_rows, token_map)
-        _log(f"[train] draft vocabulary {token_map.numel()} of {cfgm.vocab_size} tokens "
-             f"covers {cover:.2%} of training tokens")
     module, history = train_on_rows(cfg, method, caches, device=device)
     if module is None:
         return {"stopped_at": cfg.stop_after, "history": history}
+    if not medusa:
+        return _finish_eagle(cfg, method, module, held, history, token_map, stage_rows,
+                             model_path, device, t_start)
 
     # ---- evaluation and output
     # accuracy against the held-out text, and (labels "target") against the target's own
@@ -463,6 +500,93 @@ def run(cfg: TrainConfig, model=None, tokenizer=None, model_path: Optional[str] 
     dist.barrier()
     summary["history"] = history
     return summary
+
+
+def _finish_eagle(cfg: TrainConfig, method, module, held: dict, history: list, token_map,
+                  stage_rows, model_path, device, t_start) -> dict:
+    """Held-out evaluation, the head in the SafeAILab layout and the card (EAGLE runs)."""
+    results = {}
+    for k, c in held.items():
+        results[k] = method.summarize(evaluate(method, module, c, max(1, cfg.batch_size),
+                                               device))
+    for k, r in results.items():
+        _log(f"[train] held-out {k}: top1 {r['top1']} chain {r['chain']} expected accepted "
+             f"{r['expected_accepted']} ({r['targets'][0]} targets)")
+    summary = {"heldout": results, "final_loss": history[-1] if history else None,
+               "elapsed_s": round(time.perf_counter() - t_start, 1)}
+    if dist.rank() == 0:
+        extra = {"heldout_step_accuracy": {k: {m: r[m] for m in ("top1", "top5", "chain",
+                                                                 "expected_accepted",
+                                                                 "targets")}
+                                           for k, r in results.items()},
+                 "training": {"config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                         if k not in ("stop_after", "resume")},
+                              "target": model_path or "in-memory"}}
+        method.save(_unwrap(module), cfg.out, extra_config=extra,
+                    dtype=getattr(torch, cfg.save_dtype))
+        _write_eagle_card(cfg, method, summary, token_map, stage_rows)
+        (Path(cfg.out) / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    dist.barrier()
+    summary["history"] = history
+    return summary
+
+
+def _write_eagle_card(cfg: TrainConfig, method, summary: dict, token_map, stage_rows) -> None:
+    c = method.cfg
+    v3 = c.variant == "eagle3"
+    name = "EAGLE-3" if v3 else "EAGLE-1"
+    lines = [f"# {name} head for `{cfg.model}`", "",
+             f"Trained with `specrt train {cfg.method}` (specrt's own trainer) on the frozen "
+             "target. One decoder layer (hidden "
+             f"{c.hidden_size}, {c.num_heads} query / {c.num_kv_heads} kv heads, MLP "
+             f"{c.intermediate_size}); the target's token embedding. "]
+    if v3:
+        lines[-1] += (
+            f"Features: the inputs of target layers {list(c.feature_layers)} (fused 3H -> H by "
+            f"`fc`); own LM head over a draft vocabulary of {c.draft_vocab_size} tokens "
+            f"(`d2t` / `t2d`: the most frequent training tokens"
+            + (f", {_coverage(stage_rows, token_map):.2%} of them" if token_map is not None
+               else "") + "), initialised from the target's rows. Training-time test over "
+            f"{cfg.length} steps (step weight 0.8^s), loss: cross-entropy against the target's "
+            "distribution over the draft vocabulary.")
+    else:
+        lines[-1] += ("Feature: the target's final-normed last hidden state; logits through the "
+                      "target's LM head. Loss: smooth-L1 to the next feature + 0.1 x "
+                      "cross-entropy against the target's distribution; uniform feature noise "
+                      f"{cfg.noise}.")
+    lines += ["", f"Layout: SafeAILab {name} (`config.json` + `model.safetensors`), weights "
+              f"{cfg.save_dtype}; load with `EagleProposer(target, path)`.", "", "## Data", ""]
+    if stage_rows[0] is not None:
+        lines.append(f"- stage 1 ({cfg.steps} steps): {', '.join(cfg.data)}, train split "
+                     f"({100 - cfg.heldout_pct:g}% of documents by a stable hash of their path), "
+                     f"{int((stage_rows[0] != PAD).sum())} tokens in rows of {cfg.seq_len}")
+    if stage_rows[1] is not None:
+        lines.append(f"- stage 2 ({cfg.stage2_steps} steps): self-distillation, the target's "
+                     f"own greedy (temperature {cfg.distill_temperature}) responses to prompts "
+                     f"from {', '.join(cfg.self_distill)}: {stage_rows[1].shape[0]} sequences, "
+                     f"{int((stage_rows[1] != PAD).sum())} tokens")
+    k = method.eval_length
+    lines += ["", "## Held-out accuracy", "",
+              "Step s: the head's draft at depth s + 1 below a position, fed the true tokens "
+              "and its own earlier outputs (training-time test); top-1 against the target's "
+              "own greedy token (what greedy verification accepts; a token outside the draft "
+              "vocabulary is a miss). Chain: steps 0..s all right; their sum is the expected "
+              f"number of accepted drafts of a greedy {k}-token chain.", "",
+              "| set | positions | " + " | ".join(f"step {s} top-1 / chain" for s in range(k))
+              + " | expected accepted |",
+              "|---|---|" + "---|" * k + "---|"]
+    for nm, r in summary["heldout"].items():
+        lines.append(f"| {nm} | {r['targets'][0]} | " + " | ".join(
+            f"{a:.3f} / {b:.3f}" for a, b in zip(r["top1"], r["chain"]))
+            + f" | {r['expected_accepted']:.2f} |")
+    cmd = cfg.command or f"specrt train {cfg.method} ..."
+    lines += ["", "## Reproduce", "", "```", cmd, "```", "",
+              f"Seed {cfg.seed}; batch {cfg.batch_size} rows; lr {cfg.lr} (warmup {cfg.warmup}, "
+              f"cosine to {cfg.min_lr_ratio:g}x, per stage); AdamW; grad clip {cfg.grad_clip}. "
+              f"Wall time {summary['elapsed_s']:.0f} s on {cfg.device} "
+              f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, "
+              f"Python {sys.version.split()[0]}.", ""]
+    (Path(cfg.out) / "README.md").write_text("\n".join(lines))
 
 
 def _coverage(stage_rows, token_map) -> float:
