@@ -191,6 +191,24 @@ def test_public_layouts_load_and_match_the_dense_reference(target, tmp_path, var
     assert torch.equal(loaded.to_target(torch.arange(logits.shape[1])), ref_ids)
 
 
+def test_model_prefix_and_static_tree_size(target, tmp_path):
+    """Tensors under a ``model.`` prefix load; a static choice tree keeps all its nodes
+    whatever top_k is."""
+    from safetensors.torch import save_file
+
+    head = random_eagle_head(target, "eagle1", seed=17)
+    save_file({"model." + k: v.contiguous() for k, v in _public_state(head).items()},
+              str(tmp_path / "model.safetensors"))
+    loaded, _ = load_eagle_head(tmp_path, target)
+    assert torch.equal(loaded.fc_weight, head.fc_weight)
+    choices = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]]
+    prop = EagleProposer(target, loaded, tree=choices, top_k=1, num_pages=32)
+    assert prop.max_nodes == len(choices) + 1
+    v = _view(0, [3, 1, 4, 1, 5])
+    _add(prop, target, v)
+    assert prop.propose([v])[0].num_nodes == len(choices) + 1
+
+
 def test_save_load_round_trip(target, tmp_path):
     head = random_eagle_head(target, "eagle3", seed=4, draft_vocab=30)
     save_eagle_head(head, tmp_path, target.config, extra_config={"note": "x"}, dtype=torch.float32)

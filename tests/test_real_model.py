@@ -222,3 +222,25 @@ def test_shipped_medusa_heads_are_lossless_and_accepted(native):
             outs = eng.generate(prompts, params)
             assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
             assert eng.metrics.mean_accepted_length > 1.3, eng.metrics.summary()
+
+
+def test_shipped_eagle_head_is_lossless_and_accepted(native):
+    """The EAGLE-3 head shipped for this model (specrt/heads/smollm2-135m-eagle3): greedy output
+    equals plain decoding, batched and unbatched, page sizes 1 and 16, with a fixed and an
+    automatically sized dynamic tree, and its drafts are accepted on a code prompt."""
+    from specrt.engine import Engine, SamplingParams
+    from specrt.proposers import EagleProposer, default_eagle_head
+
+    model, tok = native
+    head = default_eagle_head(model)
+    prompts = ['def is_prime(n):\n    """Return True if n is a prime number."""\n',
+               "Write a Python function that reverses a string."]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    for page_size, total in ((1, 16), (16, "auto")):
+        ref = Engine(model, tok, page_size=page_size).generate(prompts, params)
+        prop = EagleProposer(model, head, top_k=4, depth=5, total_tokens=total)
+        for batch in (1, 2):
+            eng = Engine(model, tok, prop, page_size=page_size, max_batch_size=batch, max_draft=5)
+            outs = eng.generate(prompts, params)
+            assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+            assert eng.metrics.mean_accepted_length > 1.5, eng.metrics.summary()

@@ -346,8 +346,7 @@ def load_eagle_head(path, target, *, dtype=None, device=None) -> tuple:
     dtype = dtype or p0.dtype
     device = device or p0.device
     wfile, jc = _find(Path(path))
-    t = {k[len("model."):] if k.startswith("model.") and not k.startswith("model.layers.") and
-         "midlayer" in k else k: v for k, v in _read_tensors(wfile).items()}
+    t = _read_tensors(wfile)
     # a few conversions prefix everything with "model."
     if not any(k.startswith(("midlayer.", "layers.0.", "fc.")) for k in t):
         t = {k[len("model."):] if k.startswith("model.") else k: v for k, v in t.items()}
@@ -601,7 +600,8 @@ class EagleProposer(Proposer):
                 raise ValueError("EAGLE choices rank beyond the draft vocabulary")
         # dynamic trees hold at most top_k + (depth-1) * top_k^2 scored nodes
         cap = 1 + top_k + (self.depth - 1) * top_k * top_k
-        self.total_tokens = min(cap, 64 if self.auto else total_tokens)
+        self.total_tokens = (total_tokens if self.static is not None
+                             else min(cap, 64 if self.auto else total_tokens))
         self.max_nodes = self.total_tokens
         if head.cfg.variant == "eagle3":
             # aux_hidden[i] = output of layer i = input of layer i + 1
