@@ -29,6 +29,21 @@ def tiny_model(seed=0, scale=1.0, **kw) -> LlamaModel:
     return m.eval()
 
 
+class ByteTok:
+    """Characters -> ids ``ord(c) % 96`` (96 = eos), enough for tiny-model pipelines."""
+
+    eos_token_ids = [96]
+
+    def encode(self, text):
+        return [ord(c) % 96 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    def apply_chat_template(self, messages):
+        return "u:" + messages[-1]["content"] + "\na:"
+
+
 class CharTokenizer:
     """Token id i <-> chr(ord('a') + i % 26) (stop strings / streaming tests)."""
 

@@ -134,20 +134,19 @@ def _mixed_proposers(target, draft):
         "draft-tree": lambda: DraftModelProposer(draft, v, k=3, tree_width=3),
         "self-draft-tree": lambda: DraftModelProposer(target, v, k=3, tree_width=2),
         "layer-skip": lambda: LayerSkipProposer(target, 2, k=3),
-        # sampled requests' branching deterministic trees next to draft probabilities
-        "eagle3": lambda: EagleProposer(
-            tgt, random_eagle_head(tgt, "eagle3", seed=13, feature_layers=(1, 1, 2), scale=2.0),
-            top_k=3, depth=_K, total_tokens=10),
+        "eagle3": lambda: EagleProposer(target, random_eagle_head(target, "eagle3", seed=13),
+                                        top_k=3, depth=3, total_tokens=10),
         "eagle1-choices": lambda: EagleProposer(
-            tgt, random_eagle_head(tgt, "eagle1", seed=14, scale=2.0),
+            target, random_eagle_head(target, "eagle1", seed=14),
             tree=[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]),
+        # sampled requests' branching deterministic trees next to draft probabilities
         "mixed": lambda: MixedProposer(DraftModelProposer(draft, v, k=3),
                                        RandomTreeProposer(v, max_nodes=12, near=8)),
     }
 
 
 @pytest.mark.parametrize("name", ["ngram", "draft", "draft-tree", "self-draft-tree", "layer-skip",
-                                  "mixed"])
+                                  "eagle3", "eagle1-choices", "mixed"])
 def test_mixed_greedy_and_sampled_batch(target, draft, name):
     """Greedy and sampled requests in one batch: nothing raises, greedy rows equal plain greedy
     decoding token for token, and each seeded sampled row equals the same request run without

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import tiny_model
+from _tiny import ByteTok, tiny_model
 
 from specrt.proposers.medusa import MedusaProposer, load_medusa_heads
 from specrt.train import dist
@@ -21,21 +21,6 @@ from specrt.train.medusa import build_token_map
 from specrt.train.trainer import TrainConfig, run
 
 VOCAB = 97
-
-
-class ByteTok:
-    """Characters -> ids ``ord(c) % 96`` (96 = eos), enough for tiny-model pipelines."""
-
-    eos_token_ids = [96]
-
-    def encode(self, text):
-        return [ord(c) % 96 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
-
-    def apply_chat_template(self, messages):
-        return "u:" + messages[-1]["content"] + "\na:"
 
 
 def _corpus(tmp_path: Path, n_docs: int = 40) -> Path:

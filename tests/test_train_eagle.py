@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _tiny import tiny_model
+from _tiny import ByteTok, tiny_model
 
 from specrt.kv_cache import PagedKVCache, build_metadata
 from specrt.proposers.eagle import (EagleProposer, eagle3_feature_layers, load_eagle_head,
@@ -26,19 +26,6 @@ from specrt.train.medusa import build_token_map
 from specrt.train.trainer import TrainConfig, run
 
 VOCAB = 97
-
-
-class ByteTok:
-    eos_token_ids = [96]
-
-    def encode(self, text):
-        return [ord(c) % 96 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
-
-    def apply_chat_template(self, messages):
-        return "u:" + messages[-1]["content"] + "\na:"
 
 
 def _corpus(tmp_path: Path, n_docs: int = 40) -> Path:

@@ -556,15 +556,7 @@ def _write_eagle_card(cfg: TrainConfig, method, summary: dict, token_map, stage_
                       f"{cfg.noise}.")
     lines += ["", f"Layout: SafeAILab {name} (`config.json` + `model.safetensors`), weights "
               f"{cfg.save_dtype}; load with `EagleProposer(target, path)`.", "", "## Data", ""]
-    if stage_rows[0] is not None:
-        lines.append(f"- stage 1 ({cfg.steps} steps): {', '.join(cfg.data)}, train split "
-                     f"({100 - cfg.heldout_pct:g}% of documents by a stable hash of their path), "
-                     f"{int((stage_rows[0] != PAD).sum())} tokens in rows of {cfg.seq_len}")
-    if stage_rows[1] is not None:
-        lines.append(f"- stage 2 ({cfg.stage2_steps} steps): self-distillation, the target's "
-                     f"own greedy (temperature {cfg.distill_temperature}) responses to prompts "
-                     f"from {', '.join(cfg.self_distill)}: {stage_rows[1].shape[0]} sequences, "
-                     f"{int((stage_rows[1] != PAD).sum())} tokens")
+    lines += _data_lines(cfg, stage_rows)
     k = method.eval_length
     lines += ["", "## Held-out accuracy", "",
               "Step s: the head's draft at depth s + 1 below a position, fed the true tokens "
@@ -587,6 +579,21 @@ def _write_eagle_card(cfg: TrainConfig, method, summary: dict, token_map, stage_
               f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, "
               f"Python {sys.version.split()[0]}.", ""]
     (Path(cfg.out) / "README.md").write_text("\n".join(lines))
+
+
+def _data_lines(cfg: TrainConfig, stage_rows) -> list:
+    """The card's "Data" bullet points."""
+    out = []
+    if stage_rows[0] is not None:
+        out.append(f"- stage 1 ({cfg.steps} steps): {', '.join(cfg.data)}, train split "
+                   f"({100 - cfg.heldout_pct:g}% of documents by a stable hash of their path), "
+                   f"{int((stage_rows[0] != PAD).sum())} tokens in rows of {cfg.seq_len}")
+    if stage_rows[1] is not None:
+        out.append(f"- stage 2 ({cfg.stage2_steps} steps): self-distillation, the target's "
+                   f"own greedy (temperature {cfg.distill_temperature}) responses to prompts "
+                   f"from {', '.join(cfg.self_distill)}: {stage_rows[1].shape[0]} sequences, "
+                   f"{int((stage_rows[1] != PAD).sum())} tokens")
+    return out
 
 
 def _coverage(stage_rows, token_map) -> float:
@@ -627,15 +634,7 @@ def _write_card(cfg: TrainConfig, summary: dict, token_map, stage_rows, model_pa
                 if token_map is not None else "") + f". Layout: `{cfg.layout}`, weights "
              f"{cfg.save_dtype}.", "",
              "## Data", ""]
-    if stage_rows[0] is not None:
-        lines.append(f"- stage 1 ({cfg.steps} steps): {', '.join(cfg.data)}, train split "
-                     f"({100 - cfg.heldout_pct:g}% of documents by a stable hash of their path), "
-                     f"{int((stage_rows[0] != PAD).sum())} tokens in rows of {cfg.seq_len}")
-    if stage_rows[1] is not None:
-        lines.append(f"- stage 2 ({cfg.stage2_steps} steps): self-distillation, the target's "
-                     f"own greedy (temperature {cfg.distill_temperature}) responses to prompts "
-                     f"from {', '.join(cfg.self_distill)}: {stage_rows[1].shape[0]} sequences, "
-                     f"{int((stage_rows[1] != PAD).sum())} tokens")
+    lines += _data_lines(cfg, stage_rows)
     lines += ["", "## Held-out accuracy", "",
               "Top-k: the true token is among head k's k best candidates (a token outside the "
               "draft vocabulary counts as a miss). \"target's greedy\" rows score against the "
