@@ -143,15 +143,17 @@ def make_proposer(name, model, args, draft=None):
             raise ValueError(name)
         return prop
     if name.startswith("eagle"):
-        # eagle: the shipped EAGLE-3 head (or --eagle-head), dynamic EAGLE-2 tree; ":N" sets
-        # total_tokens (default --eagle-total: "auto" sizes each step from measured costs)
-        base, _, total = name.partition(":")
-        if base != "eagle":
+        # eagle: the shipped EAGLE-3 head (or --eagle-head), dynamic EAGLE-2 tree;
+        # "eagle:T[:K:D]" sets total_tokens T (a number or "auto"; default --eagle-total),
+        # top_k K and depth D (defaults --eagle-top-k, --eagle-depth)
+        base, *opts = name.split(":")
+        if base != "eagle" or len(opts) not in (0, 1, 3):
             raise ValueError(name)
-        total = total or args.eagle_total
+        total = opts[0] if opts else args.eagle_total
+        top_k, depth = (int(opts[1]), int(opts[2])) if len(opts) == 3 else (args.eagle_top_k,
+                                                                            args.eagle_depth)
         head = args.eagle_head or default_eagle_head(model)
-        return EagleProposer(model, head, tree=args.eagle_tree, top_k=args.eagle_top_k,
-                             depth=args.eagle_depth,
+        return EagleProposer(model, head, tree=args.eagle_tree, top_k=top_k, depth=depth,
                              total_tokens=total if total == "auto" else int(total))
     raise ValueError(name)
 
