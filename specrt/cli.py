@@ -103,8 +103,8 @@ def main(argv=None) -> int:
                         "head shipped for smollm2-135m)")
     g.add_argument("--eagle-tree", default=None,
                    help="dynamic (EAGLE-2, default) | mc_sim_7b_63 | FILE.json (rank paths)")
-    g.add_argument("--eagle-top-k", type=int, default=None, help="EAGLE-2 frontier width (default 8)")
-    g.add_argument("--eagle-depth", type=int, default=None, help="EAGLE-2 tree depth (default 5)")
+    g.add_argument("--eagle-top-k", type=int, default=None, help="EAGLE-2 frontier width (default 8 on CUDA, 2 on CPU)")
+    g.add_argument("--eagle-depth", type=int, default=None, help="EAGLE-2 tree depth (default 5 on CUDA, 4 on CPU)")
     g.add_argument("--total-tokens", default=None,
                    help="EAGLE-2 tree size, root included, or 'auto' (default: sized per step "
                         "from this device's measured verify cost)")

@@ -83,7 +83,11 @@ def create(name: str, target, args=None) -> Proposer:
                 total = int(total)
             except ValueError:
                 raise ValueError(f"--total-tokens must be an integer or 'auto', got {total!r}")
+        # Defaults by device, as measured (bench/results/eagle_*): a GPU verifies big trees
+        # for the price of one node (EAGLE-2's top_k 8 / depth 5); on a 2-core CPU each head
+        # level costs ~2.5 ms, so a narrow frontier (top_k 2, depth 4) is fastest.
+        gpu = next(target.parameters()).is_cuda
         return EagleProposer(target, head, tree=tree, total_tokens=total,
-                             top_k=getattr(args, "eagle_top_k", None) or 8,
-                             depth=getattr(args, "eagle_depth", None) or 5)
+                             top_k=getattr(args, "eagle_top_k", None) or (8 if gpu else 2),
+                             depth=getattr(args, "eagle_depth", None) or (5 if gpu else 4))
     raise ValueError(f"unknown proposer {name!r} (none, ngram, draft, layer-skip, medusa, eagle)")
