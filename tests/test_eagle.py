@@ -577,3 +577,13 @@ def test_wide_trees_beyond_64_drafted_nodes(target):
     out = Engine(target, proposer=prop, max_draft=8).generate(prompts, sp)
     assert [o.token_ids for o in out] == [r.token_ids for r in ref]
     assert max(prop.last_sizes, default=0) == 64 or not prop.last_sizes
+
+
+def test_host_mask_packing_matches_pack_mask():
+    from specrt.proposers.eagle import _pack_rows
+    from specrt.tree import pack_mask
+
+    rng = np.random.default_rng(0)
+    for w in (1, 7, 31, 32, 33, 64, 70, 100):
+        m = rng.random((5, w)) < 0.5
+        assert torch.equal(_pack_rows(m), pack_mask(torch.from_numpy(m))), w
