@@ -572,13 +572,18 @@ def _write_eagle_card(cfg: TrainConfig, method, summary: dict, token_map, stage_
             f"{a:.3f} / {b:.3f}" for a, b in zip(r["top1"], r["chain"]))
             + f" | {r['expected_accepted']:.2f} |")
     cmd = cfg.command or f"specrt train {cfg.method} ..."
-    lines += ["", "## Reproduce", "", "```", cmd, "```", "",
-              f"Seed {cfg.seed}; batch {cfg.batch_size} rows; lr {cfg.lr} (warmup {cfg.warmup}, "
-              f"cosine to {cfg.min_lr_ratio:g}x, per stage); AdamW; grad clip {cfg.grad_clip}. "
-              f"Wall time {summary['elapsed_s']:.0f} s on {cfg.device} "
-              f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, "
-              f"Python {sys.version.split()[0]}.", ""]
+    lines += _reproduce_lines(cfg, cmd, summary)
     (Path(cfg.out) / "README.md").write_text("\n".join(lines))
+
+
+def _reproduce_lines(cfg: TrainConfig, cmd: str, summary: dict) -> list:
+    """The card's "Reproduce" section."""
+    return ["", "## Reproduce", "", "```", cmd, "```", "",
+            f"Seed {cfg.seed}; batch {cfg.batch_size} rows; lr {cfg.lr} (warmup {cfg.warmup}, "
+            f"cosine to {cfg.min_lr_ratio:g}x, per stage); AdamW; grad clip {cfg.grad_clip}. "
+            f"Wall time {summary['elapsed_s']:.0f} s on {cfg.device} "
+            f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, "
+            f"Python {sys.version.split()[0]}.", ""]
 
 
 def _data_lines(cfg: TrainConfig, stage_rows) -> list:
@@ -647,12 +652,7 @@ def _write_card(cfg: TrainConfig, summary: dict, token_map, stage_rows, model_pa
         lines.append(f"| {name} | {r['targets'][0]} | " + " | ".join(
             f"{a:.3f} / {b:.3f}" for a, b in zip(r["top1"], r["top5"])) + " |")
     cmd = cfg.command or "specrt train medusa ..."
-    lines += ["", "## Reproduce", "", "```", cmd, "```", "",
-              f"Seed {cfg.seed}; batch {cfg.batch_size} rows; lr {cfg.lr} (warmup {cfg.warmup}, "
-              f"cosine to {cfg.min_lr_ratio:g}x, per stage); AdamW; grad clip {cfg.grad_clip}. "
-              f"Wall time {summary['elapsed_s']:.0f} s on {cfg.device} "
-              f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, "
-              f"Python {sys.version.split()[0]}.", ""]
+    lines += _reproduce_lines(cfg, cmd, summary)
     (Path(cfg.out) / "README.md").write_text("\n".join(lines))
 
 
