@@ -92,6 +92,14 @@ def eagle3_feature_layers(num_layers: int) -> tuple:
     return (2, num_layers // 2, num_layers - 3)
 
 
+def _check_feature_layers(layers, num_layers: int, src: str) -> None:
+    """EAGLE-3 reads the inputs of target layers 1..L-1 (layer 0's input is the embedding)."""
+    if not all(1 <= int(l) < num_layers for l in layers):
+        raise EagleCheckpointError(f"{src}: feature layers {list(layers)} do not exist in a "
+                                   f"{num_layers}-layer target (inputs of layers "
+                                   f"1..{num_layers - 1})")
+
+
 @dataclass
 class EagleConfig:
     """Geometry of an EAGLE head.
@@ -388,10 +396,7 @@ def load_eagle_head(path, target, *, dtype=None, device=None) -> tuple:
         layers = (jc.get("specrt", {}).get("feature_layers")
                   or (jc.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
                   or eagle3_feature_layers(tc.num_layers))
-        if not all(1 <= int(l) < tc.num_layers for l in layers):
-            raise EagleCheckpointError(f"{src}: feature layers {list(layers)} do not exist in a "
-                                       f"{tc.num_layers}-layer target (inputs of layers "
-                                       f"1..{tc.num_layers - 1})")
+        _check_feature_layers(layers, tc.num_layers, src)
     else:
         dv = tc.vocab_size
         layers = ()
@@ -573,10 +578,8 @@ class EagleProposer(Proposer):
             if head.cfg.head_dim != tc.head_dim:
                 raise EagleCheckpointError("EAGLE head_dim differs from the target's")
             head = head.to(device=p0.device, dtype=dtype or p0.dtype)
-        if head.cfg.variant == "eagle3" and not all(
-                1 <= l < tc.num_layers for l in head.cfg.feature_layers):
-            raise EagleCheckpointError(f"EAGLE-3 feature layers {head.cfg.feature_layers}: "
-                                       f"inputs of layers 1..{tc.num_layers - 1} of this target")
+        if head.cfg.variant == "eagle3":
+            _check_feature_layers(head.cfg.feature_layers, tc.num_layers, "EAGLE-3 head")
         self.head = head.eval().requires_grad_(False)
         self.target = target
         if top_k < 1:
@@ -599,11 +602,11 @@ class EagleProposer(Proposer):
         if not isinstance(tree, str):
             from .medusa import choices_topology
 
-            parents, _, ranks = choices_topology(tree)
+            _, _, ranks = choices_topology(tree)
             paths = sorted({tuple(c) for c in tree}, key=lambda p: (len(p), p))
-            self.static = {"paths": set(paths), "children": {}}
+            self.static = {}  # path -> ranks of its children, in rank order
             for pth in paths:
-                self.static["children"].setdefault(pth[:-1], []).append(pth[-1])
+                self.static.setdefault(pth[:-1], []).append(pth[-1])
             self.depth = max(len(pth) for pth in paths)
             total_tokens = len(paths) + 1
             self.auto = False
@@ -687,8 +690,7 @@ class EagleProposer(Proposer):
             if s.seq_id not in self._feats:
                 continue
             if r.num_accepted < 0 or r.hidden is None:
-                # the engine is dropping this sequence; make the next step restart cleanly
-                continue
+                continue  # the engine is dropping this sequence (release() follows)
             self._feats[s.seq_id].append(self._features(r.hidden, r.aux_hidden))
             # Drop the scratch tree: the cache keeps the catch-up prefix only.
             self.cache.trim(s.seq_id)
@@ -760,14 +762,13 @@ class EagleProposer(Proposer):
         if self.static is not None:
             path = d.paths[node] if node >= 0 else ()
             return [d.add(ids[r], node, base + lp[r], depth, path + (r,))
-                    for r in self.static["children"].get(path, ())]
+                    for r in self.static.get(path, ())]
         return [d.add(ids[r], node, base + lp[r], depth) for r in range(min(limit, len(ids)))]
 
     def _grow(self, seqs) -> list:
         dev = self._embed.device
         k = self.top_k
-        need = max(k, max((r for c in self.static["children"].values() for r in c), default=0) + 1) \
-            if self.static is not None else k
+        need = k if self.static is None else max(k, 1 + max(max(c) for c in self.static.values()))
         roots = torch.stack([self._last[s.seq_id] for s in seqs])
         lp, ids = self._topk(self.head.logits(roots, self._lm_head), need)
         lp, ids = lp.tolist(), ids.tolist()
@@ -798,7 +799,7 @@ class EagleProposer(Proposer):
 
     def _pick_frontier(self, d: _Draft, kids: list) -> list:
         if self.static is not None:  # every node with children in the tree is expanded
-            return [n for n in kids if d.paths[n] in self.static["children"]]
+            return [n for n in kids if d.paths[n] in self.static]
         return sorted(kids, key=lambda n: (-d.scores[n], n))[: self.top_k]
 
     def _run_frontier(self, seqs, drafts, dev):
