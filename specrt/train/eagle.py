@@ -238,6 +238,14 @@ class _EagleMethod(Method):
         return {k: (v[:, :s] if torch.is_tensor(v) and v.dim() >= 2 else v)
                 for k, v in batch.items()}
 
+    def _prepare(self, batch: dict, train: bool) -> tuple:
+        """``(cropped batch, n, features)``: ``n`` head positions per row (S - 1)."""
+        batch = self._crop(batch)
+        n = batch["tokens"].shape[1] - 1
+        if n < 1:
+            raise ValueError("sequence length 1 leaves no EAGLE target")
+        return batch, n, self._features(batch, train=train)
+
     @torch.no_grad()
     def _target_argmax(self, batch: dict) -> torch.Tensor:
         """The target's greedy next token at every position [B, S] (-1 on padding)."""
@@ -278,13 +286,9 @@ class _EagleMethod(Method):
 
     @torch.no_grad()
     def eval_counters(self, module: nn.Module, batch: dict) -> dict:
-        batch = self._crop(batch)
+        batch, n, feats = self._prepare(batch, train=False)
         tok = batch["tokens"]
-        if tok.shape[1] < 2:
-            raise ValueError("sequence length 1 leaves no EAGLE target")
-        n = tok.shape[1] - 1
         steps = self.eval_length
-        feats = self._features(batch, train=False)
         # hidden states only: the logits of one step at a time (EAGLE-1: full vocabulary)
         _, hiddens = module(feats[:, :n], tok, steps, want_logits=False)
         head = getattr(module, "head", module)
@@ -386,12 +390,8 @@ class Eagle3Method(_EagleMethod):
         return batch["features"]
 
     def loss_terms(self, module: nn.Module, batch: dict) -> tuple:
-        batch = self._crop(batch)
+        batch, n, feats = self._prepare(batch, train=True)
         tok, hid = batch["tokens"], batch["hidden"]
-        n = tok.shape[1] - 1
-        if n < 1:
-            raise ValueError("sequence length 1 leaves no EAGLE target")
-        feats = self._features(batch, train=True)
         logits, _ = module(feats[:, :n], tok, self.length)
         inside, labels = self._labels(batch, self.length)
         with torch.no_grad():
@@ -448,12 +448,8 @@ class Eagle1Method(_EagleMethod):
         return h
 
     def loss_terms(self, module: nn.Module, batch: dict) -> tuple:
-        batch = self._crop(batch)
+        batch, n, feats = self._prepare(batch, train=True)
         tok, hid = batch["tokens"], batch["hidden"]
-        n = tok.shape[1] - 1
-        if n < 1:
-            raise ValueError("sequence length 1 leaves no EAGLE target")
-        feats = self._features(batch, train=True)
         logits, hs = module(feats[:, :n], tok, 1)
         lg, out = logits[0], hs[0]
         inside, labels = self._labels(batch, 1)
