@@ -29,6 +29,22 @@ def tiny_model(seed=0, scale=1.0, **kw) -> LlamaModel:
     return m.eval()
 
 
+def write_corpus(tmp_path, n_docs: int = 40):
+    """``tmp_path/corpus.jsonl``: documents of a repeated pattern (each char determines the
+    next ones). Written once: training ranks that call this again must not rewrite the file
+    another rank is reading."""
+    import json
+
+    p = tmp_path / "corpus.jsonl"
+    if p.exists():
+        return p
+    pat = "abcdefghijklmnopqrstuvwxyz0123456789"
+    with open(p, "w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"text": pat[i % 7:] + pat * 4}) + "\n")
+    return p
+
+
 class ByteTok:
     """Characters -> ids ``ord(c) % 96`` (96 = eos), enough for tiny-model pipelines."""
 

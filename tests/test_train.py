@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import ByteTok, tiny_model
+from _tiny import ByteTok, tiny_model, write_corpus as _corpus
 
 from specrt.proposers.medusa import MedusaProposer, load_medusa_heads
 from specrt.train import dist
@@ -19,19 +19,6 @@ from specrt.train.medusa import build_token_map
 from specrt.train.trainer import TrainConfig, run
 
 VOCAB = 97
-
-
-def _corpus(tmp_path: Path, n_docs: int = 40) -> Path:
-    """Documents of a repeated pattern (each char determines the next ones)."""
-    p = tmp_path / "corpus.jsonl"
-    if p.exists():
-        return p
-    pat = "abcdefghijklmnopqrstuvwxyz0123456789"
-    with open(p, "w") as f:
-        for i in range(n_docs):
-            s = pat[i % 7:] + pat * 4
-            f.write(json.dumps({"text": s}) + "\n")
-    return p
 
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
