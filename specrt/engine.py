@@ -34,7 +34,7 @@ from .batch import AttentionMetadata
 from .kv_cache import OutOfPagesError, PagedKVCache, build_metadata
 from .metrics import RequestMetrics, RunMetrics
 from .proposers.base import NoProposer, Proposer, SeqView, StepResult
-from .tree import batch_trees
+from .tree import batch_trees, with_aux_rows
 
 
 @dataclass
@@ -49,7 +49,9 @@ class SamplingParams:
     probability boundary (or, at temperature 0, at a near-tie). Seen with bf16 on CPU; fp32 on
     CPU has matched exactly in the tests. Generation stops at ``max_new_tokens``, at an eos /
     ``stop_token_ids`` token (kept in ``token_ids``, not in the text), or at a ``stop`` string
-    (text cut before it).
+    (text cut before it). ``draft_options``: per-request settings of the engine's proposer
+    (e.g. Lookahead's ``{"window": 4, "ngram": 3, "guesses": 4}``), validated at admission by
+    the proposer; they change speed, never the output distribution.
     """
 
     temperature: float = 0.0
@@ -60,6 +62,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    draft_options: Optional[dict] = None
 
     def validate(self) -> None:
         if not (self.temperature >= 0 and self.temperature < float("inf")):
@@ -74,6 +77,8 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if isinstance(self.stop, str):
             raise ValueError("stop must be a sequence of strings, not a string")
+        if self.draft_options is not None and not isinstance(self.draft_options, dict):
+            raise ValueError("draft_options must be a dict")
 
 
 @dataclass
@@ -120,7 +125,7 @@ class _Seq:
         p = self.params
         return SeqView(self.sid, self.tokens, len(self.out.prompt_token_ids), committed,
                        float(p.temperature), int(p.top_k), float(p.top_p), self.seed, self.step,
-                       max_draft)
+                       max_draft, p.draft_options or {})
 
 
 def check_device(device: Union[str, torch.device]) -> torch.device:
@@ -366,6 +371,7 @@ class Engine:
                 raise ValueError(f"prompt token ids must be in [0, {vocab})")
             if len(ids) + 1 > self.max_seq_len:
                 raise ValueError(f"prompt of {len(ids)} tokens exceeds the context limit {self.max_seq_len}")
+            self.proposer.check_options(dict(p.draft_options or {}), self.max_tree_nodes)
         except ValueError as e:
             err = str(e)
         stop_ids = set(int(t) for t in (p.stop_token_ids if p else ()))
@@ -485,12 +491,21 @@ class Engine:
                        self.max_seq_len - len(s.tokens))
             views.append(s.view(len(s.tokens) - 1, max(0, min(self.max_draft, left - 1))))
         trees = self.proposer.propose(views)
-        if len(trees) != len(seqs):
+        aux = self.proposer.aux_rows(views) if self.proposer.uses_aux_rows else None
+        if len(trees) != len(seqs) or (aux is not None and len(aux) != len(seqs)):
             raise RuntimeError(f"proposer {self.proposer.name} returned {len(trees)} trees for {len(seqs)} sequences")
-        for v, tr in zip(views, trees):
-            if int(tr.tokens[0]) != v.token_ids[-1] or tr.max_depth > v.max_draft or tr.num_nodes > self.max_tree_nodes:
+        max_pos = self.model.config.max_position_embeddings
+        for i, (v, tr) in enumerate(zip(views, trees)):
+            a = aux[i] if aux is not None else None
+            n_aux = a.num_rows if a is not None else 0
+            if (int(tr.tokens[0]) != v.token_ids[-1] or tr.max_depth > v.max_draft
+                    or tr.num_nodes + n_aux > self.max_tree_nodes
+                    or (n_aux and v.committed_len + max(a.offsets) >= max_pos)):
                 raise RuntimeError(f"proposer {self.proposer.name} broke the tree contract for sequence {v.seq_id} "
-                                   f"(root, depth <= {v.max_draft}, nodes <= {self.max_tree_nodes})")
+                                   f"(root, depth <= {v.max_draft}, nodes + aux rows <= {self.max_tree_nodes}, "
+                                   f"aux positions < {max_pos})")
+        if aux is not None and not any(a is not None and a.num_rows for a in aux):
+            aux = None
         self._sync()
         t1 = time.perf_counter()
         ph["propose"] += t1 - t
@@ -500,12 +515,27 @@ class Engine:
         trees, node_maps = _mixed_batch_policy(trees, greedy)
         tb = batch_trees(trees, committed, device=self.device, greedy=greedy)
         ids = [s.sid for s in seqs]
-        meta: AttentionMetadata = build_metadata(self.cache, ids, tb, self.device,
-                                                 planner=self.planner)
-        self._sync()
-        tm = time.perf_counter()
-        out = self.model(tb.tokens.long(), tb.positions, self.cache.kv, meta,
-                         hidden_layers=tuple(self.proposer.hidden_layers))
+        aux_pred = None
+        if aux is None:
+            meta: AttentionMetadata = build_metadata(self.cache, ids, tb, self.device,
+                                                     planner=self.planner)
+            self._sync()
+            tm = time.perf_counter()
+            out = self.model(tb.tokens.long(), tb.positions, self.cache.kv, meta,
+                             hidden_layers=tuple(self.proposer.hidden_layers))
+        else:
+            # Tree rows and aux rows in one forward; logits come back tree rows first, so
+            # verification sees exactly the trees' logits (a view, no copy).
+            lay = with_aux_rows(tb, trees, aux, device=self.device)
+            meta = build_metadata(self.cache, ids, lay.counts, self.device, mask=lay.mask,
+                                  planner=self.planner)
+            self._sync()
+            tm = time.perf_counter()
+            out = self.model(lay.tokens, lay.positions, self.cache.kv, meta,
+                             logits_rows=lay.logits_rows,
+                             hidden_layers=tuple(self.proposer.hidden_layers))
+            aux_pred = out.logits[lay.num_tree:].argmax(dim=-1)
+            out.logits = out.logits[:lay.num_tree]
         self._sync()
         t2 = time.perf_counter()
         ph["verify"] += t2 - t1
@@ -536,8 +566,19 @@ class Engine:
         t4 = time.perf_counter()
         ph["rollback"] += t4 - t3
 
-        # The one host read of the step.
-        host = torch.cat([ver.num_accepted[:, None], ver.tokens, ver.path], dim=1).cpu().tolist()
+        # The one host read of the step (with the aux rows' predictions, when there are any).
+        host = torch.cat([ver.num_accepted[:, None], ver.tokens, ver.path], dim=1)
+        aux_host = None
+        if aux_pred is not None:
+            flat = torch.cat([host.flatten(), aux_pred.to(host.dtype)]).cpu().tolist()
+            w = host.shape[1]
+            host = [flat[i * w:(i + 1) * w] for i in range(len(seqs))]
+            aux_host, k = [], len(seqs) * w
+            for n in lay.aux_counts:
+                aux_host.append(flat[k:k + n] if n else None)
+                k += n
+        else:
+            host = host.cpu().tolist()
         mt = tb.max_t
         results, finished, rows = [], [], []
         indptr = [0, *itertools.accumulate(tb.num_nodes)]  # host copy of tb.node_indptr
@@ -557,7 +598,8 @@ class Engine:
             rows.append([indptr[i] + j for j in path])
             if node_maps is not None and node_maps[i] is not None:
                 path = [node_maps[i][j] for j in path]  # back to the proposer's numbering
-            results.append(StepResult(path, emitted, na))
+            results.append(StepResult(path, emitted, na,
+                                      aux_tokens=aux_host[i] if aux_host is not None else None))
             if self._emit(s, emitted):
                 finished.append(s)
         if self.proposer.needs_hidden and out.hidden is not None:

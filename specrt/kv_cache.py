@@ -349,7 +349,8 @@ def _small_step_metadata(cache, seq_ids, committed, counts, dev, width, planner,
 def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
                    new_tokens: Union[TreeBatch, Iterable[int]], device: Device = None, *,
                    block_table_width: Optional[int] = None,
-                   planner: Optional[AttentionPlanner] = None) -> AttentionMetadata:
+                   planner: Optional[AttentionPlanner] = None,
+                   mask: Optional[torch.Tensor] = None) -> AttentionMetadata:
     """Reserve pages for one forward and describe where its new tokens go.
 
     For sequence ``b`` with committed length ``c_b`` and ``T_b`` new tokens: pages are
@@ -369,6 +370,9 @@ def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
         Where the tensors go (default: the cache's device).
     block_table_width : int, optional
         Fixed block-table width (CUDA-graph buckets).
+    mask : int32 [N, W], optional
+        Packed visibility of new tokens given as counts (e.g. a tree batch with Lookahead's
+        auxiliary rows, :func:`specrt.tree.with_aux_rows`); a TreeBatch brings its own.
     planner : AttentionPlanner, optional
         Writes the CUDA split-KV plan of this forward into its preallocated buffers, from the
         host lengths computed here (no device read); every layer reuses it. Give it for CUDA
@@ -388,8 +392,9 @@ def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
     if len(set(seq_ids)) != b:
         raise ValueError("build_metadata: duplicate sequence ids in the batch")
     committed = [cache.committed_len(s) for s in seq_ids]
-    mask = None
     if isinstance(new_tokens, TreeBatch):
+        if mask is not None:
+            raise ValueError("build_metadata: a TreeBatch brings its own mask")
         counts = list(new_tokens.num_nodes)
         if new_tokens.committed_lens != committed:
             raise ValueError("the TreeBatch was built for committed lengths "
@@ -400,6 +405,11 @@ def build_metadata(cache: PagedKVCache, seq_ids: Sequence[SeqId],
         counts = [int(t) for t in new_tokens]
         if any(t < 0 for t in counts):
             raise ValueError(f"new-token counts must be >= 0, got {counts}")
+        if mask is not None:
+            if mask.dim() != 2 or mask.shape[0] != sum(counts) or mask.dtype != torch.int32:
+                raise ValueError(f"mask must be int32 [{sum(counts)}, W], got "
+                                 f"{mask.dtype} {tuple(mask.shape)}")
+            mask = mask.to(dev)
     if len(counts) != b:
         raise ValueError(f"{b} sequences but {len(counts)} new-token counts")
 

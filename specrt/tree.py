@@ -29,6 +29,8 @@ __all__ = [
     "unpack_mask",
     "accepted_tokens",
     "mask_words",
+    "AuxLayout",
+    "with_aux_rows",
 ]
 
 IntSeq = Union[Sequence[int], np.ndarray, torch.Tensor]
@@ -653,3 +655,76 @@ def _batch_probs(trees, counts, greedy, device) -> Optional[torch.Tensor]:
         if rows < t:
             pieces.append(zeros[:t - rows])
     return torch.cat(pieces)
+
+
+# --------------------------------------------------------------------------------------------
+# auxiliary rows (Lookahead's Jacobi window) next to the verified trees
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AuxLayout:
+    """One verify forward over draft trees plus auxiliary rows.
+
+    Sequence ``b`` owns ``T_b`` tree rows followed by ``A_b`` aux rows (``counts = T_b + A_b``
+    new tokens, in that order, so tree node ``j`` keeps cache slot ``committed_b + j`` and the
+    step's rollback is unchanged). ``logits_rows`` lists every tree row (the verification
+    batch's order) and then every aux row, so ``logits[:num_tree]`` is exactly what the trees
+    alone would give.
+    """
+
+    tokens: torch.Tensor  # int64 [N']
+    positions: torch.Tensor  # int64 [N']
+    mask: torch.Tensor  # int32 [N', W]
+    counts: list
+    logits_rows: torch.Tensor  # int64 [N']
+    num_tree: int
+    aux_counts: list
+
+
+def with_aux_rows(tb: TreeBatch, trees: Sequence[DraftTree], aux: Sequence,
+                  device: Optional[Union[str, torch.device]] = None) -> AuxLayout:
+    """Lay out ``tb``'s trees with ``aux[b]`` (an object with ``tokens``, ``offsets`` and
+    ``sees``, e.g. :class:`specrt.proposers.base.AuxRows`, or None) after tree ``b``'s nodes.
+
+    An aux row sees its sequence's committed cache, the tree's root (node 0) and the aux rows
+    of its ``sees`` bitset; tree rows see only their ancestors, never aux rows.
+    """
+    b = len(trees)
+    if len(aux) != b:
+        raise ValueError(f"{b} trees but {len(aux)} aux-row entries")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    a_counts = [0 if a is None else len(a.tokens) for a in aux]
+    counts = [t + a for t, a in zip(tb.num_nodes, a_counts)]
+    width = mask_words(max(counts))
+    toks, pos, masks, tree_rows, aux_rows = [], [], [], [], []
+    start = 0
+    tree_tokens = tb.tokens.cpu().numpy()
+    tree_pos = tb.positions.cpu().numpy()
+    off = 0
+    for i, (tr, a) in enumerate(zip(trees, aux)):
+        t, c = tb.num_nodes[i], tb.committed_lens[i]
+        toks.append(tree_tokens[off:off + t].astype(np.int64))
+        pos.append(tree_pos[off:off + t])
+        masks.append(tr._topo.mask(width))
+        tree_rows.append(np.arange(start, start + t))
+        off += t
+        if a is not None and len(a.tokens):
+            n = len(a.tokens)
+            toks.append(np.asarray(a.tokens, dtype=np.int64))
+            pos.append(np.asarray(a.offsets, dtype=np.int64) + c)
+            nbytes = 4 * width
+            buf = b"".join((1 | (int(m) << t)).to_bytes(nbytes, "little") for m in a.sees)
+            masks.append(np.frombuffer(buf, dtype="<i4").reshape(n, width).astype(np.int32))
+            aux_rows.append(np.arange(start + t, start + t + n))
+        start += counts[i]
+    rows = np.concatenate(tree_rows + aux_rows)
+
+    def _t(x, dtype):
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device=dev, dtype=dtype)
+
+    return AuxLayout(tokens=_t(np.concatenate(toks), torch.int64),
+                     positions=_t(np.concatenate(pos), torch.int64),
+                     mask=_t(np.concatenate(masks), torch.int32), counts=counts,
+                     logits_rows=_t(rows, torch.int64), num_tree=int(sum(tb.num_nodes)),
+                     aux_counts=a_counts)

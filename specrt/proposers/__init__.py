@@ -5,12 +5,13 @@ from .base import NoProposer, Proposer, SeqView, StepResult
 from .draft_model import AutoregressiveDrafter, DraftModelProposer
 from .eagle import EagleHead, EagleProposer, load_eagle_head
 from .layer_skip import LayerSkipProposer
+from .lookahead import LookaheadProposer
 from .medusa import MedusaHeads, MedusaProposer
 from .ngram import NgramProposer
 
 __all__ = ["Proposer", "NoProposer", "SeqView", "StepResult", "NgramProposer",
            "DraftModelProposer", "LayerSkipProposer", "AutoregressiveDrafter", "MedusaHeads",
-           "MedusaProposer", "EagleHead", "EagleProposer", "load_eagle_head", "create",
+           "MedusaProposer", "LookaheadProposer", "EagleHead", "EagleProposer", "load_eagle_head", "create",
            "default_medusa_heads", "default_eagle_head"]
 
 

@@ -44,6 +44,48 @@ class SeqView:
     seed: int
     step: int
     max_draft: int
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuxRows:
+    """Auxiliary query rows a proposer adds to one sequence's verify forward (Lookahead's
+    Jacobi window). They are computed in the same target forward as the draft tree, their
+    greedy predictions come back in :attr:`StepResult.aux_tokens`, and their K/V never become
+    part of the sequence: they sit in cache slots past the tree's, which the step's rollback
+    and trim leave outside the committed length.
+
+    Attributes
+    ----------
+    tokens : tuple[int]
+        Input token of each row.
+    offsets : tuple[int]
+        Position of each row relative to the root (the root sits at ``committed_len``, offset
+        0); ``>= 1``.
+    sees : tuple[int]
+        Per row, a bitset over the aux rows it attends to (bit ``a`` = row ``a``); it must
+        include the row itself and only earlier rows. Every aux row also sees the committed
+        cache and the tree's root, and no other tree node.
+    """
+
+    tokens: tuple
+    offsets: tuple
+    sees: tuple
+
+    def __post_init__(self):
+        n = len(self.tokens)
+        if len(self.offsets) != n or len(self.sees) != n:
+            raise ValueError(f"AuxRows: {n} tokens, {len(self.offsets)} offsets, "
+                             f"{len(self.sees)} visibility rows")
+        for a, (o, m) in enumerate(zip(self.offsets, self.sees)):
+            if o < 1:
+                raise ValueError(f"AuxRows: offset {o} of row {a} is not after the root")
+            if not (m >> a) & 1 or m >> (a + 1) or m < 0:
+                raise ValueError(f"AuxRows: row {a} must see itself and only earlier rows")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass(slots=True)
@@ -63,6 +105,9 @@ class StepResult:
         proposers with ``needs_hidden``.
     aux_hidden : dict[int, Tensor] or None
         Chosen intermediate layers' hidden states at the accepted path.
+    aux_tokens : list[int] or None
+        The target's argmax at each of the step's :class:`AuxRows` (proposers with
+        ``uses_aux_rows``), in row order.
     """
 
     path: list
@@ -70,6 +115,7 @@ class StepResult:
     num_accepted: int
     hidden: Optional[torch.Tensor] = None
     aux_hidden: Optional[dict] = None
+    aux_tokens: Optional[list] = None
 
 
 class Proposer:
@@ -85,6 +131,8 @@ class Proposer:
     #: prompt hidden states handed to add(): "last" (the last cached position) or "all"
     #: (every cached prompt position, for heads with their own cache such as EAGLE)
     prompt_hidden: str = "last"
+    #: propose() also prepares auxiliary rows, read by the engine through aux_rows()
+    uses_aux_rows: bool = False
 
     def attach(self, model, cache) -> None:
         """Called once by the engine with the target model and its paged cache (proposers
@@ -97,9 +145,23 @@ class Proposer:
         predicted the root, or [committed_len, H] at every cached position when
         ``prompt_hidden == "all"``; None for a one-token prompt."""
 
+    def check_options(self, options: dict, max_tree_nodes: int) -> None:
+        """Validate a request's ``SamplingParams.draft_options`` (raise ValueError); called
+        at admission, so a bad request fails alone. ``max_tree_nodes``: the engine's limit on
+        tree nodes plus aux rows per sequence."""
+        if options:
+            raise ValueError(f"proposer {self.name!r} takes no per-request draft_options, "
+                             f"got {sorted(options)}")
+
     def propose(self, seqs: Sequence[SeqView]) -> list[DraftTree]:
         """One draft tree per sequence (root = ``seq.token_ids[-1]``), depth <= max_draft."""
         raise NotImplementedError
+
+    def aux_rows(self, seqs: Sequence[SeqView]) -> list:
+        """Only with ``uses_aux_rows``: right after :meth:`propose`, per sequence an
+        :class:`AuxRows` or None. Tree nodes plus aux rows of a sequence must not exceed the
+        engine's ``max_tree_nodes``."""
+        return [None] * len(seqs)
 
     def commit(self, seqs: Sequence[SeqView], results: Sequence[StepResult]) -> None:
         """Update proposer state from what was accepted (sequences in the same order)."""
