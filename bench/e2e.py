@@ -55,9 +55,9 @@ from common import DirtyTreeError, environment, git_label, require_clean_tree  #
 from specrt.engine import Engine, SamplingParams  # noqa: E402
 from specrt.hub import resolve_model  # noqa: E402
 from specrt.models import load_model  # noqa: E402
-from specrt.proposers import (DraftModelProposer, LayerSkipProposer, MedusaProposer,  # noqa: E402
-                              NgramProposer, default_medusa_heads,
-                              EagleProposer, default_eagle_head)
+from specrt.proposers import (DraftModelProposer, MedusaProposer, SelfSpecProposer,  # noqa: E402
+                              NgramProposer, LookaheadProposer, default_medusa_heads,
+                              EagleProposer, default_eagle_head, default_self_spec)
 
 CHAT_PROMPTS = [
     "Explain the difference between a list and a tuple in Python.",
@@ -124,8 +124,12 @@ def make_proposer(name, model, args, draft=None):
         return None
     if name == "ngram":
         return NgramProposer(k=args.k, max_n=3, max_branches=args.ngram_branches)
-    if name == "layer-skip":
-        return LayerSkipProposer(model, args.skip_layers or max(1, model.config.num_layers // 2), k=args.k)
+    if name.split(":")[0] in ("self-spec", "layer-skip"):
+        # self-spec: the skip set shipped for smollm2-135m (or --self-spec-config) with its
+        # tuned k; "self-spec:K" drafts K tokens. layer-skip is the old name (an alias).
+        _, _, k = name.partition(":")
+        return SelfSpecProposer(model, args.self_spec_config or default_self_spec(model),
+                                k=int(k) if k else None)
     if name == "draft":
         return DraftModelProposer(draft, model.config.vocab_size, k=args.k)
     if name.startswith("medusa"):
@@ -142,6 +146,23 @@ def make_proposer(name, model, args, draft=None):
         elif base != "medusa":
             raise ValueError(name)
         return prop
+    if name.startswith("lookahead"):
+        # lookahead: --lookahead-{window,ngram,guesses}; "lookahead:W:N:G" sets them;
+        # "lookahead-jacobi:W:N:G": no prompt-lookup branch (the reference algorithm)
+        base, *opts = name.split(":")
+        if base not in ("lookahead", "lookahead-jacobi") or len(opts) not in (0, 3):
+            raise ValueError(name)
+        w, n, g = (map(int, opts) if opts else
+                   (args.lookahead_window, args.lookahead_ngram, args.lookahead_guesses))
+        return LookaheadProposer(window=w, ngram=n, guesses=g,
+                                 prompt_lookup=base == "lookahead")
+    if name.startswith("cascade:"):
+        # cascade:SPEC (specrt.proposers.cascade.SPEC_HELP), parts built here with this
+        # script's options: "cascade:medusa+ngram", "cascade:medusa:16@2+ngram" (Medusa node
+        # budget 16, depth 2, then n-gram), "cascade:draft+ngram" (vertical, needs --pair)
+        from specrt.proposers.cascade import from_spec
+
+        return from_spec(name.partition(":")[2], lambda part: make_proposer(part, model, args, draft))
     if name.startswith("eagle"):
         # eagle: the shipped EAGLE-3 head (or --eagle-head), dynamic EAGLE-2 tree;
         # "eagle:T[:K:D]" sets total_tokens T (a number or "auto"; default --eagle-total),
@@ -293,14 +314,18 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--pair", action="store_true", help="Qwen2.5-Coder 1.5B target with the 0.5B draft")
-    ap.add_argument("--proposers", default="none,ngram,layer-skip")
+    ap.add_argument("--proposers", default="none,ngram,self-spec")
     ap.add_argument("--prompt-sets", default="humaneval,chat")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperatures", default="0,0.7")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--ngram-branches", type=int, default=1)
-    ap.add_argument("--skip-layers", type=int, default=None)
+    ap.add_argument("--self-spec-config", default=None,
+                    help="skip set JSON for self-spec (default: the one shipped for smollm2-135m)")
+    ap.add_argument("--lookahead-window", type=int, default=4)
+    ap.add_argument("--lookahead-ngram", type=int, default=3)
+    ap.add_argument("--lookahead-guesses", type=int, default=4)
     ap.add_argument("--medusa-heads", default=None, help="default: the heads shipped for smollm2-135m")
     ap.add_argument("--medusa-tree", default="dynamic")
     ap.add_argument("--medusa-nodes", type=int, default=8, help="Medusa tree node budget (root included)")
@@ -361,6 +386,11 @@ def main(argv=None):
             ids, row = run_engine(eng, prompts, params, chat, batch)
             row.update({"prompt_set": set_name, "temperature": temp, "proposer": name,
                         "batch": batch})
+            # counters of proposers that keep them (cascades: tails, forwards saved; warm-up included)
+            stats = {k: dict(p.stats) for k, p in (("proposer", prop), ("strong", getattr(prop, "strong", None)))
+                     if isinstance(getattr(p, "stats", None), dict)}
+            if stats:
+                row["proposer_stats"] = stats
             if name == "none":
                 plain_ids, plain_tps = ids, row["tokens_per_s"]
             if plain_tps:

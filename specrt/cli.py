@@ -1,4 +1,5 @@
-"""Command line: ``specrt fetch NAME`` and ``specrt generate --prompt ...``."""
+"""Command line: ``specrt fetch NAME``, ``specrt generate --prompt ...`` and
+``specrt tune self-spec --out FILE``."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +68,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import json
+    import shlex
+
+    import torch
+
+    from .engine import check_device
+    from .hub import resolve_model
+    from .models import load_model
+    from .proposers.self_spec import save_self_spec
+    from .tune import tune_self_spec
+
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tok = load_model(resolve_model(args.model), dtype=dtype, device=args.device)
+    prompts = None
+    if args.prompts:
+        from .train.data import load_prompts
+
+        prompts = load_prompts(args.prompts)
+    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    cfg = tune_self_spec(model, tok, prompts, budget_s=args.budget_s, k_max=args.k_max,
+                         seed=args.seed, new_tokens=args.new_tokens, log=log)
+    cfg.search["model_name"] = args.model
+    cfg.search["command"] = "specrt " + " ".join(shlex.quote(a) for a in args.argv)
+    save_self_spec(cfg, args.out)
+    print(json.dumps({"out": args.out, "skip": cfg.skip.as_dict(), "k": cfg.k,
+                      "acceptance": round(cfg.search["acceptance"], 3),
+                      "model_speedup_vs_plain": cfg.search["model_speedup_vs_plain"]}))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="specrt", description="speculative-decoding runtime")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -87,11 +122,24 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--proposer", default="none",
-                   help="none | ngram | draft | layer-skip | medusa | eagle")
+                   help="none | ngram | draft | self-spec | medusa | eagle | lookahead | cascade")
     g.add_argument("--num-draft", type=int, default=None,
                    help="draft tokens per step / deepest tree level (default 4; eagle: its --eagle-depth)")
     g.add_argument("--draft-model", default=None, help="draft model for --proposer draft")
-    g.add_argument("--skip-layers", type=int, default=None, help="layers kept by --proposer layer-skip")
+    g.add_argument("--cascade", default=None,
+                   help="--proposer cascade: STRONG[@D]+ngram. medusa+ngram (default), eagle+ngram: "
+                        "horizontal (the strong proposer's first D levels, then n-gram); "
+                        "draft+ngram, self-spec+ngram: vertical (n-gram drafts inside the draft "
+                        "model's loop; draft needs --draft-model); draft@D+ngram: both")
+    g.add_argument("--lookahead-window", type=int, default=None,
+                   help="--proposer lookahead: Jacobi window W (0: pool from the text only)")
+    g.add_argument("--lookahead-ngram", type=int, default=None,
+                   help="--proposer lookahead: n-gram size N (N - 1 draft tokens per guess)")
+    g.add_argument("--lookahead-guesses", type=int, default=None,
+                   help="--proposer lookahead: pooled n-grams verified per step G")
+    g.add_argument("--self-spec-config", default=None,
+                   help="skip set JSON for --proposer self-spec (from `specrt tune self-spec`; "
+                        "default: the one shipped for smollm2-135m)")
     g.add_argument("--medusa-heads", default=None,
                    help="Medusa checkpoint (any public layout; default: the heads shipped for smollm2-135m)")
     g.add_argument("--medusa-tree", default=None,
@@ -115,6 +163,22 @@ def main(argv=None) -> int:
     g.add_argument("--posterior-alpha", type=float, default=0.3)
     g.add_argument("--nvml", action="store_true", help="report DRAM bandwidth utilization (GPU)")
     g.set_defaults(func=cmd_generate)
+    t = sub.add_parser("tune", help="calibrate a proposer for a model (specrt tune self-spec ...)")
+    tsub = t.add_subparsers(dest="what", required=True)
+    ts = tsub.add_parser("self-spec", help="search the sublayer skip set of --proposer self-spec")
+    ts.add_argument("--model", default="smollm2-135m", help="local HF dir, .gguf file, or a known name")
+    ts.add_argument("--out", required=True, help="JSON file to write")
+    ts.add_argument("--device", default="cpu")
+    ts.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ts.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget of the search")
+    ts.add_argument("--prompts", default=None,
+                    help="calibration prompts, JSONL ({\"prompt\": ..., \"chat\": bool}); default: "
+                         "built-in code + chat prompts")
+    ts.add_argument("--k-max", type=int, default=6, help="longest draft chain considered")
+    ts.add_argument("--new-tokens", type=int, default=48, help="tokens generated per prompt")
+    ts.add_argument("--seed", type=int, default=0, help="picks the built-in prompts")
+    ts.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ts.set_defaults(func=cmd_tune)
     # Training lives in specrt.train, imported only when this command runs; it parses its own
     # options (listed here for --help only).
     sub.add_parser("train", add_help=False, help="train proposer heads (specrt train medusa|eagle3|eagle --help)")
@@ -124,6 +188,7 @@ def main(argv=None) -> int:
 
         return train_main(argv[1:])
     args = ap.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -22,7 +22,8 @@ import torch
 from specrt import ops
 from specrt.engine import Engine, SamplingParams
 from specrt.acceptance import TypicalAcceptance
-from specrt.proposers import (DraftModelProposer, EagleProposer, LayerSkipProposer, MedusaHeads,
+from specrt.models.llama import SkipSet
+from specrt.proposers import (DraftModelProposer, EagleProposer, MedusaHeads, SelfSpecProposer,
                               MedusaProposer, NgramProposer, Proposer)
 from specrt.tree import DraftTree
 
@@ -82,7 +83,7 @@ def _proposers(target, draft):
         "draft": lambda: DraftModelProposer(draft, target.config.vocab_size, k=3),
         "draft-adaptive": lambda: DraftModelProposer(draft, target.config.vocab_size, k=5, adaptive=True),
         "draft-tree": lambda: DraftModelProposer(draft, target.config.vocab_size, k=3, tree_width=3),
-        "layer-skip": lambda: LayerSkipProposer(target, 2, k=3),
+        "self-spec": lambda: SelfSpecProposer(target, SkipSet((1, 3), (2,)), k=3),
         "random-tree": lambda: RandomTreeProposer(target.config.vocab_size, max_nodes=12, near=8),
     }
 
@@ -106,7 +107,7 @@ def test_plain_greedy_matches_recompute(target):
         assert o.finish_reason == "length"
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft", "draft-adaptive", "draft-tree", "layer-skip", "random-tree"])
+@pytest.mark.parametrize("name", ["ngram", "draft", "draft-adaptive", "draft-tree", "self-spec", "random-tree"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_greedy_lossless(target, draft, name, page_size):
     prompts = _prompts(7, seed=11)
@@ -133,7 +134,7 @@ def _mixed_proposers(target, draft):
         "draft": lambda: DraftModelProposer(draft, v, k=3),
         "draft-tree": lambda: DraftModelProposer(draft, v, k=3, tree_width=3),
         "self-draft-tree": lambda: DraftModelProposer(target, v, k=3, tree_width=2),
-        "layer-skip": lambda: LayerSkipProposer(target, 2, k=3),
+        "self-spec": lambda: SelfSpecProposer(target, SkipSet((1, 3), (2,)), k=3),
         "eagle3": lambda: EagleProposer(target, random_eagle_head(target, "eagle3", seed=13),
                                         top_k=3, depth=3, total_tokens=10),
         "eagle1-choices": lambda: EagleProposer(
@@ -145,7 +146,7 @@ def _mixed_proposers(target, draft):
     }
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft", "draft-tree", "self-draft-tree", "layer-skip",
+@pytest.mark.parametrize("name", ["ngram", "draft", "draft-tree", "self-draft-tree", "self-spec",
                                   "eagle3", "eagle1-choices", "mixed"])
 def test_mixed_greedy_and_sampled_batch(target, draft, name):
     """Greedy and sampled requests in one batch: nothing raises, greedy rows equal plain greedy
@@ -386,7 +387,7 @@ def _stat_proposer(name, tgt, drf, table):
         "draft": lambda: DraftModelProposer(drf, _VOCAB, k=_K),
         "draft-far": lambda: DraftModelProposer(
             tiny_model(seed=4, scale=3.0, vocab=_VOCAB, hidden=32, layers=1), _VOCAB, k=_K),
-        "layer-skip": lambda: LayerSkipProposer(tgt, 2, k=_K),
+        "self-spec": lambda: SelfSpecProposer(tgt, SkipSet((2,), (2,)), k=_K),
         "exact-tree": lambda: ExactTreeProposer(table, len(_PROMPT)),
         "exact-tree-swapped": lambda: ExactTreeProposer(table, len(_PROMPT), swap=True),
         "random-tree": lambda: RandomTreeProposer(_VOCAB, max_nodes=10, seed=7),
@@ -427,7 +428,7 @@ _N_STAT = 3000
     ("draft", 1.0, 0, 1.0),
     ("draft", 0.7, 5, 0.9),
     ("draft-far", 1.0, 0, 1.0),
-    ("layer-skip", 1.0, 0, 1.0),
+    ("self-spec", 1.0, 0, 1.0),
     ("exact-tree", 1.0, 0, 1.0),
     ("exact-tree-swapped", 0.8, 0, 0.95),
     ("random-tree", 1.0, 0, 1.0),
@@ -451,7 +452,7 @@ def test_sampling_lossless_end_to_end(stat_models, name, temperature, top_k, top
     exact = _exact_joint(table, _VOCAB, _K + 1)
     prop = _stat_proposer(name, tgt, drf, table)
     outs, m = _sample_first_tokens(tgt, prop, _N_STAT, temperature, top_k, top_p)
-    if name in ("draft", "layer-skip", "exact-tree", "mixed"):
+    if name in ("draft", "self-spec", "exact-tree", "mixed"):
         # the case reaches the bonus token after k accepted drafts often enough to matter
         assert len(m.depth_hist) == _K + 1 and m.depth_hist[_K] >= 0.05 * _N_STAT, m.depth_hist
     pval = _chi_square_p(outs, exact, _VOCAB, _K + 1)
@@ -494,8 +495,8 @@ def _wrong_bonus(real):
 
 @pytest.mark.parametrize("bug,name", [
     ("temperature", "draft"),
-    ("deep-q", "layer-skip"),
-    ("bonus", "layer-skip"),
+    ("deep-q", "self-spec"),
+    ("bonus", "self-spec"),
     ("bonus", "exact-tree"),
 ])
 def test_sampling_test_has_power(stat_models, monkeypatch, bug, name):

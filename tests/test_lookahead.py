@@ -80,7 +80,6 @@ def test_aux_rows_predict_what_the_target_predicts(target):
         if aux is None:
             continue
         ctx0 = toks[:committed + 1]  # committed tokens and the root
-        W = 3
         for a, (tok, off, m) in enumerate(zip(aux.tokens, aux.offsets, aux.sees)):
             seen = [aux.tokens[j] for j in range(a + 1) if (m >> j) & 1]
             assert len(seen) == off  # a contiguous context of offsets 1..off
@@ -143,10 +142,6 @@ def test_batch_with_different_windows_and_pools(target):
 def test_pool_is_bounded(target):
     prop = LookaheadProposer(window=4, ngram=3, guesses=2, pool_per_key=2, pool_keys=5)
     seen = []
-
-    class Peek(LookaheadProposer):
-        pass
-
     eng = Engine(target, proposer=prop, page_size=4, num_pages=256)
     orig = prop.commit
 

@@ -244,3 +244,61 @@ def test_shipped_eagle_head_is_lossless_and_accepted(native):
             outs = eng.generate(prompts, params)
             assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
             assert eng.metrics.mean_accepted_length > 1.5, eng.metrics.summary()
+
+
+def test_lookahead_is_lossless_on_smollm2(native):
+    """Lookahead decoding (Jacobi window as auxiliary rows, n-gram pool, prompt lookup) on the
+    real model in fp32: greedy output equals plain decoding, batched and unbatched, page sizes
+    1 and 16, including a Jacobi-only configuration (no prompt lookup, no text pool), whose
+    every accepted draft comes from harvested n-grams."""
+    from specrt.engine import Engine, SamplingParams
+    from specrt.proposers import LookaheadProposer
+
+    model, tok = native
+    prompts = ['def is_prime(n):\n    """Return True if n is a prime number."""\n',
+               "Write a Python function that reverses a string."]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    for page_size, kw in ((1, dict(window=4, ngram=3, guesses=4)),
+                          (16, dict(window=5, ngram=4, guesses=3, prompt_lookup=False,
+                                    pool_from_text=False))):
+        ref = Engine(model, tok, page_size=page_size).generate(prompts, params)
+        for batch in (1, 2):
+            eng = Engine(model, tok, LookaheadProposer(**kw), page_size=page_size,
+                         max_batch_size=batch)
+            outs = eng.generate(prompts, params)
+            assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+            assert eng.metrics.mean_accepted_length > 1.0, eng.metrics.summary()
+
+
+def test_cascades_are_lossless_on_smollm2(native):
+    """Both cascades on the real model in fp32: horizontal (the shipped Medusa heads' first
+    level, then n-gram) and vertical (self-spec with the shipped skip set, drafted by n-gram
+    inside its own loop). Greedy output equals plain decoding, batched and unbatched, page
+    sizes 1 and 16; the vertical cascade's guesses save draft forwards on a code prompt."""
+    from specrt.engine import Engine, SamplingParams
+    from specrt.proposers import (HorizontalCascade, MedusaProposer, NgramProposer,
+                                  SelfSpecProposer, default_medusa_heads, default_self_spec,
+                                  vertical_cascade)
+
+    model, tok = native
+    prompts = ['def is_prime(n):\n    """Return True if n is a prime number."""\n',
+               "Write a Python function that reverses a string."]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    makers = {
+        "horizontal": lambda: HorizontalCascade(
+            MedusaProposer(model, default_medusa_heads(model), num_nodes=8),
+            NgramProposer(k=4, max_n=3), strong_depth=1),
+        "vertical": lambda: vertical_cascade(
+            SelfSpecProposer(model, default_self_spec(model), k=4), NgramProposer(k=4, max_n=3)),
+    }
+    for page_size in (1, 16):
+        ref = Engine(model, tok, page_size=page_size).generate(prompts, params)
+        for name, make in makers.items():
+            for batch in (1, 2):
+                prop = make()
+                eng = Engine(model, tok, prop, page_size=page_size, max_batch_size=batch)
+                outs = eng.generate(prompts, params)
+                assert [o.token_ids for o in outs] == [r.token_ids for r in ref], (name, batch)
+                assert eng.metrics.mean_accepted_length > 1.2, (name, eng.metrics.summary())
+                if name == "vertical":
+                    assert prop.forwards_saved > 0, prop.stats

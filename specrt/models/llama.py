@@ -86,7 +86,13 @@ class DecoderLayer(nn.Module):
         self.down_bias = _param((h,), dtype, device, cfg.mlp_bias)
         self.sm_scale = d ** -0.5
 
-    def forward(self, x, cos, sin, k_cache, v_cache, attn: AttentionMetadata):
+    def forward(self, x, cos, sin, k_cache, v_cache, attn: AttentionMetadata,
+                skip_attn: bool = False, skip_mlp: bool = False):
+        """One decoder layer; ``skip_attn`` / ``skip_mlp`` leave the residual stream unchanged
+        for that sublayer (a skipped attention writes and reads no K/V). The default path
+        (nothing skipped) is the verify hot path: the check costs one branch."""
+        if skip_attn or skip_mlp:
+            return self._forward_skipping(x, cos, sin, k_cache, v_cache, attn, skip_attn, skip_mlp)
         n = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
@@ -105,6 +111,91 @@ class DecoderLayer(nn.Module):
         gate, up = F.linear(self.post_norm(x), self.gate_up_weight,
                             self.gate_up_bias).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+
+    def _attention(self, x, cos, sin, k_cache, v_cache, attn: AttentionMetadata):
+        n = x.shape[0]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
+        qk = qkv[:, : self.q_size + self.kv_size].view(n, hq + hkv, d)
+        x1, x2 = qk[..., : d // 2], qk[..., d // 2:]
+        qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        q, k = qk[:, :hq], qk[:, hq:]
+        v = qkv[:, self.q_size + self.kv_size:].view(n, hkv, d)
+        ops.append_kv(k, v, k_cache, v_cache, attn.slot_mapping, validate=not attn.trusted)
+        o = ops.tree_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
+                               attn.qo_indptr, attn.mask, sm_scale=self.sm_scale,
+                               plan=attn.plan, workspace=attn.workspace,
+                               validate=not attn.trusted)
+        return x + F.linear(o.view(n, hq * d), self.o_weight, self.o_bias)
+
+    def _mlp(self, x):
+        gate, up = F.linear(self.post_norm(x), self.gate_up_weight,
+                            self.gate_up_bias).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+
+    def _forward_skipping(self, x, cos, sin, k_cache, v_cache, attn, skip_attn, skip_mlp):
+        # Same ops as forward(), split at the residual add so either half can be left out.
+        if not skip_attn:
+            x = self._attention(x, cos, sin, k_cache, v_cache, attn)
+        return x if skip_mlp else self._mlp(x)
+
+
+@dataclass(frozen=True, slots=True)
+class SkipSet:
+    """Sublayers a self-speculative draft leaves out (Draft & Verify, Zhang et al. 2023;
+    SWIFT, Xia et al. 2024).
+
+    ``attn`` / ``mlp``: 0-based indices of the layers whose attention / MLP sublayer is
+    skipped (the residual stream passes through unchanged; a skipped attention writes no K/V
+    and reads none). Stored sorted and without duplicates, so equal sets compare and hash
+    equal. An empty set is the full model.
+    """
+
+    attn: tuple = ()
+    mlp: tuple = ()
+
+    def __post_init__(self):
+        for name in ("attn", "mlp"):
+            vals = getattr(self, name)
+            try:
+                vals = tuple(sorted({int(v) for v in vals}))
+            except (TypeError, ValueError):
+                raise ValueError(f"skip set: {name} must be a sequence of layer indices, "
+                                 f"got {getattr(self, name)!r}") from None
+            object.__setattr__(self, name, vals)
+
+    @classmethod
+    def early_exit(cls, num_layers: int, keep: int) -> "SkipSet":
+        """Every sublayer of layers ``keep .. num_layers - 1`` (the first ``keep`` layers run)."""
+        rest = tuple(range(keep, num_layers))
+        return cls(rest, rest)
+
+    def __len__(self) -> int:
+        return len(self.attn) + len(self.mlp)
+
+    def validate(self, num_layers: int) -> "SkipSet":
+        """Raise ValueError unless every index is a layer of a ``num_layers``-layer model and
+        at least one sublayer still runs; returns ``self``."""
+        for name in ("attn", "mlp"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"skip set: {name} layer {bad[0]} out of range for a model of "
+                                 f"{num_layers} layers (valid: 0..{num_layers - 1})")
+        if len(self.attn) == num_layers and len(self.mlp) == num_layers:
+            raise ValueError(f"skip set skips every sublayer of all {num_layers} layers: "
+                             "nothing would run")
+        return self
+
+    def flags(self, num_layers: int) -> list:
+        """[(skip_attn, skip_mlp)] per layer."""
+        a, m = set(self.attn), set(self.mlp)
+        return [(i in a, i in m) for i in range(num_layers)]
+
+    def as_dict(self) -> dict:
+        return {"attn": list(self.attn), "mlp": list(self.mlp)}
+
+    def __str__(self) -> str:
+        return f"attn {list(self.attn)}, mlp {list(self.mlp)}"
 
 
 class LlamaModel(nn.Module):
@@ -154,7 +245,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 attn: AttentionMetadata, logits_rows: Optional[torch.Tensor] = None,
                 hidden_layers: tuple = (), num_layers: Optional[int] = None,
-                hidden_rows: Optional[torch.Tensor] = None) -> ModelOutput:
+                hidden_rows: Optional[torch.Tensor] = None,
+                skip: Optional[SkipSet] = None) -> ModelOutput:
         """Run the new tokens of a ragged batch through the model.
 
         Parameters
@@ -176,7 +268,13 @@ class LlamaModel(nn.Module):
             ``logits_rows`` (e.g. every prompt row for EAGLE, logits for none).
         num_layers : int, optional
             Run only the first ``num_layers`` layers, then the final norm and LM head
-            (self-speculative layer-skip drafting; shares weights and cache pages).
+            (early exit; shares weights and cache pages).
+        skip : SkipSet, optional
+            Attention / MLP sublayers to leave out (self-speculative drafting,
+            ``specrt.proposers.SelfSpecProposer``): a skipped sublayer adds nothing to the
+            residual stream and a skipped attention neither writes nor reads the cache of its
+            layer. Indices must be layers of the model (ValueError otherwise); combined with
+            ``num_layers``, the skip set applies within the executed layers.
 
         Returns
         -------
@@ -195,14 +293,31 @@ class LlamaModel(nn.Module):
         wanted = set(hidden_layers)
         aux = {}
         hrows = logits_rows if hidden_rows is None else hidden_rows
+        flags = None
+        if skip is not None and len(skip):
+            flags = self._skip_flags(skip)
         for i in range(n_run):
-            x = self.layers[i](x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], attn)
+            if flags is None:
+                x = self.layers[i](x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], attn)
+            else:
+                x = self.layers[i](x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], attn, *flags[i])
             if i in wanted:
                 aux[i] = x if hrows is None else x[hrows]
         hidden = x if hrows is None else x[hrows]
         last = hidden if hidden_rows is None else (x if logits_rows is None else x[logits_rows])
         logits = F.linear(self.norm(last), self.lm_head).float()
         return ModelOutput(logits=logits, hidden=hidden, aux_hidden=aux)
+
+    def _skip_flags(self, skip: SkipSet) -> list:
+        """Per-layer (skip_attn, skip_mlp), validated once per distinct skip set."""
+        cached = getattr(self, "_skip_cache", None)
+        if cached is not None and cached[0] == skip:
+            return cached[1]
+        if not isinstance(skip, SkipSet):
+            raise ValueError(f"skip must be a SkipSet, got {type(skip).__name__}")
+        flags = skip.validate(self.config.num_layers).flags(self.config.num_layers)
+        self._skip_cache = (skip, flags)
+        return flags
 
     # ----------------------------------------------------------------------------------------
     # weight loading (HF parameter names)

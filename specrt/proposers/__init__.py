@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 from .base import NoProposer, Proposer, SeqView, StepResult
+from .cascade import HorizontalCascade, vertical_cascade
 from .draft_model import AutoregressiveDrafter, DraftModelProposer
 from .eagle import EagleHead, EagleProposer, load_eagle_head
-from .layer_skip import LayerSkipProposer
 from .lookahead import LookaheadProposer
 from .medusa import MedusaHeads, MedusaProposer
 from .ngram import NgramProposer
+from .self_spec import SelfSpecProposer, default_self_spec, load_self_spec, save_self_spec
 
 __all__ = ["Proposer", "NoProposer", "SeqView", "StepResult", "NgramProposer",
-           "DraftModelProposer", "LayerSkipProposer", "AutoregressiveDrafter", "MedusaHeads",
+           "DraftModelProposer", "AutoregressiveDrafter", "MedusaHeads",
            "MedusaProposer", "LookaheadProposer", "EagleHead", "EagleProposer", "load_eagle_head", "create",
-           "default_medusa_heads", "default_eagle_head"]
+           "default_medusa_heads", "default_eagle_head", "HorizontalCascade", "vertical_cascade",
+           "SelfSpecProposer", "default_self_spec", "load_self_spec", "save_self_spec"]
 
 
 def _shipped(target, name: str, what: str, option: str) -> str:
@@ -50,16 +52,13 @@ def _tree_arg(tree):
 
 
 def create(name: str, target, args=None) -> Proposer:
-    """Build a proposer by CLI name: ``none``, ``ngram``, ``draft``, ``layer-skip``,
-    ``medusa``, ``eagle``."""
+    """Build a proposer by CLI name: ``none``, ``ngram``, ``draft``, ``self-spec`` (alias
+    ``layer-skip``), ``medusa``, ``eagle``, ``lookahead``, ``cascade``."""
     k = (getattr(args, "num_draft", None) if args is not None else None) or 4
     if name in ("none", None):
         return NoProposer()
     if name == "ngram":
         return NgramProposer(k=k, max_branches=2)
-    if name == "layer-skip":
-        n = getattr(args, "skip_layers", None) or max(1, target.config.num_layers // 2)
-        return LayerSkipProposer(target, n, k=k)
     if name == "draft":
         path = getattr(args, "draft_model", None)
         if not path:
@@ -91,4 +90,23 @@ def create(name: str, target, args=None) -> Proposer:
         return EagleProposer(target, head, tree=tree, total_tokens=total,
                              top_k=getattr(args, "eagle_top_k", None) or (8 if gpu else 2),
                              depth=getattr(args, "eagle_depth", None) or (5 if gpu else 4))
-    raise ValueError(f"unknown proposer {name!r} (none, ngram, draft, layer-skip, medusa, eagle)")
+    if name == "cascade":
+        # --cascade SPEC (cascade.SPEC_HELP); default: Medusa's shipped heads, then n-gram
+        from .cascade import from_spec
+
+        spec = getattr(args, "cascade", None) or "medusa+ngram"
+        return from_spec(spec, lambda part: create(part, target, args))
+    if name in ("self-spec", "layer-skip"):
+        # Self-speculation by sublayer skipping; "layer-skip" is the old name (its early-exit
+        # drafts were replaced: docs/self_spec.md). --self-spec-config FILE (from `specrt tune
+        # self-spec`); default: the skip set shipped for smollm2-135m. --num-draft overrides
+        # the tuned k.
+        path = getattr(args, "self_spec_config", None) or default_self_spec(target)
+        return SelfSpecProposer(target, path, k=getattr(args, "num_draft", None))
+    if name == "lookahead":
+        # --lookahead-window/-ngram/-guesses; defaults: LookaheadProposer's (chosen by the CPU
+        # measurement in docs/lookahead.md)
+        opts = {o: getattr(args, f"lookahead_{o}", None) for o in ("window", "ngram", "guesses")}
+        return LookaheadProposer(**{o: v for o, v in opts.items() if v is not None})
+    raise ValueError(f"unknown proposer {name!r} (none, ngram, draft, self-spec, medusa, eagle, "
+                     "lookahead, cascade)")

@@ -6,9 +6,22 @@ whose accepted path is compacted in the draft's cache with ``kv_rollback``. A ba
 both: greedy trees and sampled chains with probabilities are verified together (the op ignores
 a greedy request's probabilities; docs/ops.md, "Mixed batches").
 
-:class:`AutoregressiveDrafter` holds the loop shared with the self-speculative layer-skip
-proposer (``layer_skip.py``): catch the draft cache up to the root, then ``k - 1`` batched
+:class:`AutoregressiveDrafter` holds the loop shared with the self-speculative
+proposer (``self_spec.py``, sublayers skipped): catch the draft cache up to the root, then ``k - 1`` batched
 single-token steps. Subclasses say which model runs and which paged cache it writes.
+
+Vertical cascade (Chen et al. 2023, "Cascade Speculative Drafting"): with an ``inner``
+proposer (e.g. :class:`~specrt.proposers.ngram.NgramProposer`), each draft forward feeds the
+last draft token followed by the inner proposer's guessed continuation of the context (real
+tokens + drafts so far), one causal row each. The draft's tokens are still sampled row by row
+from the draft's own processed distribution, with the same Philox offsets as without the
+inner proposer; the walk moves on to the next row while the sampled token equals that row's
+guess and stops at the first mismatch (the sampled token still counts). The drafts therefore
+have exactly the distribution, probabilities and (greedy) tokens of plain drafting, and every
+matched guess saves one draft forward. Guesses are capped so that no forward writes past the
+slot plain drafting would reach (``committed + k - 1``), and a guess slot that mismatched is
+always overwritten by the next forward before it is read, so the draft cache ends each step
+exactly as plain drafting leaves it.
 """
 from __future__ import annotations
 
@@ -35,15 +48,47 @@ class AutoregressiveDrafter(Proposer):
     k : draft tokens per step (upper bound when ``adaptive``)
     adaptive : grow ``k`` by one after a fully accepted step, shrink it by one when fewer
         than half were accepted (per request, within ``[1, k]``)
+    inner : optional cheaper proposer with a side-effect-free
+        ``continuation(seq_id, tokens, committed_len, depth)`` (e.g. ``NgramProposer``): the
+        vertical cascade of the module docstring. Same drafts, fewer draft forwards.
+
+    Attributes
+    ----------
+    stats : dict
+        Counters since construction: ``forwards`` (batched draft forwards), ``seq_forwards``
+        (sequence-forwards, one per sequence per forward it takes part in), ``drafts`` (draft
+        tokens sampled), ``guessed`` (inner guesses fed), ``guess_hits`` (guesses the draft
+        confirmed = sequence-forwards saved).
     """
 
-    def __init__(self, k: int = 4, adaptive: bool = False):
+    def __init__(self, k: int = 4, adaptive: bool = False, inner: Optional[Proposer] = None):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k_max = k
         self.adaptive = adaptive
+        self.inner = None
+        if inner is not None:
+            self.set_inner(inner)
         self._k: dict[int, int] = {}
         self._drafted: dict[int, int] = {}  # seq_id -> draft tokens offered this step
+        self.stats = {"forwards": 0, "seq_forwards": 0, "drafts": 0, "guessed": 0, "guess_hits": 0}
+
+    def set_inner(self, inner: Optional[Proposer]) -> None:
+        """Make ``inner`` the vertical cascade's guesser (None: plain drafting)."""
+        if inner is not None and not callable(getattr(inner, "continuation", None)):
+            raise ValueError(f"inner proposer {getattr(inner, 'name', inner)!r} has no "
+                             "side-effect-free continuation(seq_id, tokens, committed_len, depth) "
+                             "(NgramProposer has)")
+        if inner is not None and getattr(self, "tree_width", 1) > 1:
+            raise ValueError("an inner proposer speeds up chain drafting only; tree_width > 1 "
+                             "drafts greedy trees level by level (use tree_width=1)")
+        self.inner = inner
+
+    @property
+    def forwards_saved(self) -> int:
+        """Sequence-forwards of the draft model saved by the inner proposer's guesses (at
+        batch 1: draft forwards saved)."""
+        return self.stats["guess_hits"]
 
     # -- what a subclass provides ------------------------------------------------------------
     cache: PagedKVCache
@@ -61,10 +106,14 @@ class AutoregressiveDrafter(Proposer):
     # -- the loop ---------------------------------------------------------------------------
     def add(self, seq) -> None:
         self._k[seq.seq_id] = self.k_max
+        if self.inner is not None:
+            self.inner.add(seq)
 
     def release(self, seq_id: int) -> None:
         self._k.pop(seq_id, None)
         self._drafted.pop(seq_id, None)
+        if self.inner is not None:
+            self.inner.release(seq_id)
 
     def _metadata(self, seqs, starts, counts, device) -> AttentionMetadata:
         """Metadata for ``counts[b]`` new tokens at positions ``starts[b]..`` (causal)."""
@@ -84,48 +133,73 @@ class AutoregressiveDrafter(Proposer):
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             trusted=True)
 
+    def _guess(self, seq, drafts: list, room: int) -> list:
+        """The inner proposer's continuation after ``seq``'s tokens + ``drafts`` (at most
+        ``room`` tokens; empty without an inner proposer)."""
+        if self.inner is None or room < 1:
+            return []
+        return self.inner.continuation(seq.seq_id, seq.token_ids + drafts, seq.committed_len, room)
+
     def propose(self, seqs):
         dev = self.cache.kv.device
         active = [s for s in seqs if min(self._k.get(s.seq_id, self.k_max), s.max_draft) > 0]
         drafts: dict[int, list] = {s.seq_id: [] for s in seqs}
         probs: dict[int, list] = {s.seq_id: [] for s in seqs}
         if active:
+            st = self.stats
             ks = [min(self._k.get(s.seq_id, self.k_max), s.max_draft) for s in active]
             temp = torch.tensor([s.temperature for s in active], dtype=torch.float32, device=dev)
             top_k = torch.tensor([s.top_k for s in active], dtype=torch.int32, device=dev)
             top_p = torch.tensor([s.top_p for s in active], dtype=torch.float32, device=dev)
             seed = torch.tensor([(s.seed ^ _DRAFT_SALT) & (2**63 - 1) for s in active], dtype=torch.int64, device=dev)
-            # Step 0 feeds everything the draft cache lacks up to the root (usually 1-2 tokens).
-            starts = [self._cached_len(s) for s in active]
-            toks = [s.token_ids[st:] for s, st in zip(active, starts)]
-            counts = [len(t) for t in toks]
-            ids = torch.tensor([t for tt in toks for t in tt], dtype=torch.long, device=dev)
-            pos = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)]).to(dev)
-            last = torch.tensor(counts, device=dev).cumsum(0) - 1
-            meta = self._metadata(active, starts, counts, dev)
-            logits = self._forward(ids, pos, meta, last)
+            # The first forward feeds everything the draft cache lacks up to the root (usually
+            # 1-2 tokens); every later one the last draft token. Both are followed by the inner
+            # proposer's guesses, capped so that no slot past committed + k - 1 is written.
             live = list(range(len(active)))
-            ends = [st + n for st, n in zip(starts, counts)]
-            for j in range(max(ks)):
-                off = torch.tensor([s.step * 64 + j for s in (active[i] for i in live)], dtype=torch.int64, device=dev)
-                tok, pr = ops.sample(logits, temp[live], top_k[live], top_p[live], seed[live], off,
+            starts = [self._cached_len(s) for s in active]
+            feeds = [s.token_ids[b:] for s, b in zip(active, starts)]
+            guesses = [self._guess(s, [], k - 1) for s, k in zip(active, ks)]
+            while live:
+                counts = [len(feeds[i]) + len(guesses[i]) for i in live]
+                ids = torch.tensor([t for i in live for t in feeds[i] + guesses[i]], dtype=torch.long, device=dev)
+                pos = torch.cat([torch.arange(starts[i], starts[i] + n) for i, n in zip(live, counts)]).to(dev)
+                # rows: the last fed token and each guess (the rows whose next token is drafted)
+                rows, at = [], 0
+                for i, n in zip(live, counts):
+                    at += n
+                    rows.extend(range(at - len(guesses[i]) - 1, at))
+                meta = self._metadata([active[i] for i in live], [starts[i] for i in live], counts, dev)
+                logits = self._forward(ids, pos, meta, torch.tensor(rows, dtype=torch.long, device=dev))
+                st["forwards"] += 1
+                st["seq_forwards"] += len(live)
+                # Draft j of a request always uses Philox offset step * 64 + j.
+                sel = torch.tensor([i for i in live for _ in range(len(guesses[i]) + 1)], device=dev)
+                off = torch.tensor([active[i].step * 64 + len(drafts[active[i].seq_id]) + r
+                                    for i in live for r in range(len(guesses[i]) + 1)],
+                                   dtype=torch.int64, device=dev)
+                tok, pr = ops.sample(logits, temp[sel], top_k[sel], top_p[sel], seed[sel], off,
                                      return_probs=True)
                 tok_l = tok.tolist()
-                for r, i in enumerate(live):
-                    sid = active[i].seq_id
-                    drafts[sid].append(tok_l[r])
-                    probs[sid].append(pr[r])
-                live_next = [i for i in live if len(drafts[active[i].seq_id]) < ks[i]]
-                if not live_next:
-                    break
-                sel = [live.index(i) for i in live_next]
-                live = live_next
-                ids = torch.tensor([tok_l[r] for r in sel], dtype=torch.long, device=dev)
-                pos = torch.tensor([ends[i] for i in live], dtype=torch.long, device=dev)
-                meta = self._metadata([active[i] for i in live], [ends[i] for i in live], [1] * len(live), dev)
+                nxt, r = [], 0
                 for i in live:
-                    ends[i] += 1
-                logits = self._forward(ids, pos, meta, torch.arange(len(live), device=dev))
+                    s, g = active[i], guesses[i]
+                    d, q = drafts[s.seq_id], probs[s.seq_id]
+                    for j in range(len(g) + 1):
+                        d.append(tok_l[r + j])
+                        q.append(pr[r + j])
+                        if len(d) == ks[i] or j == len(g) or tok_l[r + j] != g[j]:
+                            break
+                    st["guessed"] += len(g)
+                    st["guess_hits"] += j
+                    st["drafts"] += j + 1
+                    r += len(g) + 1
+                    if len(d) < ks[i]:
+                        # d_t sits at position committed + t: the next forward starts there
+                        nxt.append(i)
+                        starts[i] = s.committed_len + len(d)
+                        feeds[i] = [d[-1]]
+                        guesses[i] = self._guess(s, d, ks[i] - len(d) - 1)
+                live = nxt
         trees = []
         tv = self.target_vocab
         for s in seqs:
@@ -171,16 +245,19 @@ class DraftModelProposer(AutoregressiveDrafter):
     k, adaptive : see :class:`AutoregressiveDrafter`
     tree_width : greedy requests draft ``tree_width`` branches of depth ``k`` (1 = a chain)
     num_pages, page_size : the draft's own cache
+    inner : vertical cascade guesser (chains only: refused with ``tree_width > 1``); see
+        :class:`AutoregressiveDrafter`
     """
 
     name = "draft"
 
     def __init__(self, draft, target_vocab: int, k: int = 4, adaptive: bool = False,
-                 num_pages: int = 4096, page_size: int = 16, tree_width: int = 1):
-        super().__init__(k, adaptive)
+                 num_pages: int = 4096, page_size: int = 16, tree_width: int = 1,
+                 inner: Optional[Proposer] = None):
         if tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
         self.tree_width = tree_width
+        super().__init__(k, adaptive, inner)
         self._trees: dict = {}  # seq_id -> (tree, depth k) drafted as a tree this step
         if draft.config.vocab_size > target_vocab:
             raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) is larger than the "

@@ -7,8 +7,15 @@ earlier in prompt + output, propose the ``k`` tokens that followed it. With ``ma
 which favours continuations copied from the prompt). Drafts are deterministic (one-hot q), so verification is lossless for any
 sampling parameters. The index of n-gram end positions is updated incrementally: O(new
 tokens x n) per step.
+
+:meth:`NgramProposer.continuation` is the side-effect-free lookup the cascades use
+(``cascade.py``, the vertical cascade in ``draft_model.py``): the best continuation of a
+hypothetical context (real tokens followed by another drafter's guesses), with only the real
+tokens ever entering the index.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from .base import Proposer
 from ..tree import DraftTree
@@ -57,6 +64,51 @@ class NgramProposer(Proposer):
             paths = self._lookup(st[0], toks, depth) if depth > 0 else []
             trees.append(DraftTree.from_paths(toks[-1], paths) if paths else DraftTree.single(toks[-1]))
         return trees
+
+    def continuation(self, seq_id: int, tokens, committed_len: int, depth: int,
+                     min_n: Optional[int] = None) -> list:
+        """The continuation :meth:`propose` would rank first (up to ``depth`` tokens) if
+        ``tokens`` were the real context, without recording the hypothetical part.
+
+        Parameters
+        ----------
+        seq_id : int
+        tokens : list[int]
+            Real tokens ``tokens[:committed_len + 1]`` (prompt + emitted, root last) followed by
+            drafted ones.
+        committed_len : int
+            The sequence's committed length: only ``tokens[:committed_len + 1]`` enter the
+            index (as :meth:`propose` would index them anyway); never shrinks for a sequence.
+        depth : int
+        min_n : int, optional
+            Shortest suffix match accepted (default the proposer's ``min_n``): a caller that
+            pays for every guessed token can ask for longer, likelier matches.
+
+        Returns
+        -------
+        list[int]
+            Up to ``depth`` tokens; empty when no suffix of the context occurred before.
+        """
+        if depth < 1 or not tokens:
+            return []
+        st = self._state.get(seq_id)
+        if st is None:
+            st = self._state[seq_id] = [{}, 0]
+        real = min(committed_len + 1, len(tokens))
+        if st[1] < real:
+            self._update(st, tokens[:real])
+        index, done = st
+        last = len(tokens) - 1
+        lo = self.min_n if min_n is None else max(self.min_n, min_n)
+        for n in range(min(self.max_n, len(tokens)), lo - 1, -1):
+            key = tuple(tokens[last - n + 1:])
+            ends = [e for e in index.get(key, ()) if e < last]
+            # occurrences ending in the hypothetical part: scanned, never indexed
+            ends += [e for e in range(max(done, n - 1), last) if tuple(tokens[e - n + 1:e + 1]) == key]
+            if ends:
+                end = ends[-1] if self.prefer == "recent" else ends[0]
+                return list(tokens[end + 1:end + 1 + depth])
+        return []
 
     def _lookup(self, index, toks, depth):
         last = len(toks) - 1
