@@ -88,6 +88,7 @@ def run_engine(engine: Engine, prompts, params, chat: bool, batch: int = 1):
     """Generate ``prompts`` in groups of ``batch`` (batch 1: one request at a time)."""
     engine.generate(prompts[:batch], SamplingParams(max_new_tokens=4), chat=chat)  # warm-up
     outs, steps, acc, prop, hist, gen, host_ms = [], 0, 0, 0, [], 0, 0.0
+    fwd, rows, target_s = 0, 0, 0.0
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
         group = engine.generate(prompts[i:i + batch], params, chat=chat)
@@ -98,6 +99,9 @@ def run_engine(engine: Engine, prompts, params, chat: bool, batch: int = 1):
         m = engine.metrics
         steps += sum(m.depth_hist)
         host_ms += m.host_ms_per_step * m.steps
+        fwd += m.verify_forwards
+        rows += m.verify_rows
+        target_s += m.target_s
         acc += m.accepted
         prop += m.proposed
         gen += m.generated
@@ -116,6 +120,10 @@ def run_engine(engine: Engine, prompts, params, chat: bool, batch: int = 1):
                              if sum(hist[d - 1:])],
         # engine time per verify step outside the target's forward (RunMetrics.host_ms_per_step)
         "host_ms_per_step": host_ms / steps if steps else 0.0,
+        # query rows per verify forward (tree nodes + aux rows, whole batch) and the target's
+        # time per verify forward: what the extra rows cost on this device
+        "rows_per_forward": rows / fwd if fwd else 0.0,
+        "target_ms_per_forward": 1e3 * target_s / fwd if fwd else 0.0,
     }
 
 
@@ -148,14 +156,16 @@ def make_proposer(name, model, args, draft=None):
         return prop
     if name.startswith("lookahead"):
         # lookahead: --lookahead-{window,ngram,guesses}; "lookahead:W:N:G" sets them;
-        # "lookahead-jacobi:W:N:G": no prompt-lookup branch (the reference algorithm)
+        # "lookahead-jacobi:W:N:G": no prompt-lookup branch (the reference algorithm);
+        # "lookahead-fallback:W:N:G": window and pool only where prompt lookup finds nothing
         base, *opts = name.split(":")
-        if base not in ("lookahead", "lookahead-jacobi") or len(opts) not in (0, 3):
+        if base not in ("lookahead", "lookahead-jacobi", "lookahead-fallback") or len(opts) not in (0, 3):
             raise ValueError(name)
         w, n, g = (map(int, opts) if opts else
                    (args.lookahead_window, args.lookahead_ngram, args.lookahead_guesses))
         return LookaheadProposer(window=w, ngram=n, guesses=g,
-                                 prompt_lookup=base == "lookahead")
+                                 prompt_lookup=base != "lookahead-jacobi",
+                                 fallback=base == "lookahead-fallback")
     if name.startswith("cascade:"):
         # cascade:SPEC (specrt.proposers.cascade.SPEC_HELP), parts built here with this
         # script's options: "cascade:medusa+ngram", "cascade:medusa:16@2+ngram" (Medusa node
@@ -323,9 +333,10 @@ def main(argv=None):
     ap.add_argument("--ngram-branches", type=int, default=1)
     ap.add_argument("--self-spec-config", default=None,
                     help="skip set JSON for self-spec (default: the one shipped for smollm2-135m)")
-    ap.add_argument("--lookahead-window", type=int, default=4)
+    # the CPU defaults of `specrt generate --proposer lookahead` (docs/lookahead.md)
+    ap.add_argument("--lookahead-window", type=int, default=0)
     ap.add_argument("--lookahead-ngram", type=int, default=3)
-    ap.add_argument("--lookahead-guesses", type=int, default=4)
+    ap.add_argument("--lookahead-guesses", type=int, default=1)
     ap.add_argument("--medusa-heads", default=None, help="default: the heads shipped for smollm2-135m")
     ap.add_argument("--medusa-tree", default="dynamic")
     ap.add_argument("--medusa-nodes", type=int, default=8, help="Medusa tree node budget (root included)")
@@ -401,7 +412,8 @@ def main(argv=None):
             result["runs"].append(row)
             print(f"{set_name:9s} T={temp:<4} b={batch} {name:16s} {row['tokens_per_s']:7.1f} tok/s  "
                   f"x{row.get('speedup_vs_plain', 1):.2f}  mean acc len {row['mean_accepted_length']:.2f}"
-                  f"  host {row['host_ms_per_step']:.3f} ms/step"
+                  f"  host {row['host_ms_per_step']:.3f} ms/step  rows {row['rows_per_forward']:.1f}"
+                  f"  target {row['target_ms_per_forward']:.1f} ms/fwd"
                   + (f"  greedy==plain {row.get('greedy_prompts_identical')}" if temp == 0 else ""), flush=True)
         if args.hf and temp == 0 and batch == 1:
             for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path,
@@ -427,16 +439,17 @@ def main(argv=None):
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     lines = [f"# e2e ({result['env'].get('device', device.type)}), {result['env'].get('date', '')}",
              f"command: `{result['env'].get('command', ' '.join(sys.argv))}`, git {git_label(git)}", "",
-             "| prompts | T | batch | system | tok/s | speed-up | mean acc. len | acceptance | per-depth acceptance | greedy == plain |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| prompts | T | batch | system | tok/s | speed-up | mean acc. len | acceptance | per-depth acceptance | rows / fwd | target ms / fwd | greedy == plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['prompt_set']} | {r['temperature']} | {r['batch']} | specrt {r['proposer']} | {r['tokens_per_s']:.1f} | "
                      f"{r.get('speedup_vs_plain', 1):.2f} | {r['mean_accepted_length']:.2f} | "
                      f"{r['acceptance_rate']:.1%} | {' '.join(f'{a:.2f}' for a in r['depth_acceptance'][:5])} | "
+                     f"{r.get('rows_per_forward', 0):.1f} | {r.get('target_ms_per_forward', 0):.1f} | "
                      f"{r.get('greedy_prompts_identical', '')} |")
     for r in result["peers"]:
         lines.append(f"| {r['prompt_set']} | 0 | 1 | {r['system']} ({r['mode']}, {r['device']}) | {r['tokens_per_s']:.1f} | "
-                     f"specrt {r['specrt_counterpart']} is x{r['specrt_over_peer'] or 0:.2f} | | | | agrees {r['greedy_agrees_with_specrt']} |")
+                     f"specrt {r['specrt_counterpart']} is x{r['specrt_over_peer'] or 0:.2f} | | | | | | agrees {r['greedy_agrees_with_specrt']} |")
     if "synthetic" in result:
         s = result["synthetic"]
         lines += ["", f"Synthetic Llama-3-8B geometry, {s['layers']} layers, context {s['context']}, {s['dtype']} ({s['note']}):",

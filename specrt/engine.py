@@ -540,6 +540,8 @@ class Engine:
         t2 = time.perf_counter()
         ph["verify"] += t2 - t1
         run.target_s += t2 - tm
+        run.verify_forwards += 1
+        run.verify_rows += int(tb.tokens.shape[0]) if aux is None else int(lay.tokens.shape[0])
 
         dev = self.device
         temperature, top_k, top_p, seed = self._request_params(seqs)

@@ -63,6 +63,8 @@ class RunMetrics:
     depth_hist: list = field(default_factory=list)
     preemptions: int = 0
     bandwidth: dict = field(default_factory=dict)
+    verify_forwards: int = 0  # target forwards of verify steps (a step of a batch is one)
+    verify_rows: int = 0  # query rows in them: tree nodes of every sequence plus aux rows
 
     def add_request(self, m: RequestMetrics) -> None:
         self.requests += 1
@@ -98,6 +100,12 @@ class RunMetrics:
         step_s = sum(self.phase_s[p] for p in STEP_PHASES)
         return 1e3 * (step_s - self.target_s) / self.steps
 
+    @property
+    def rows_per_forward(self) -> float:
+        """Query rows per verify forward (all sequences of the batch): what a step costs the
+        target beyond its weight reads; at batch 1, the tree nodes plus aux rows per step."""
+        return self.verify_rows / self.verify_forwards if self.verify_forwards else 0.0
+
     def summary(self) -> str:
         s = (f"{self.generated} tokens in {self.wall_s:.2f} s ({self.tokens_per_s:.1f} tok/s), "
              f"{self.requests} request(s)")
@@ -115,5 +123,6 @@ class RunMetrics:
             "mean_accepted_length": self.mean_accepted_length, "depth_hist": list(self.depth_hist),
             "phase_s": dict(self.phase_s), "target_s": self.target_s,
             "host_ms_per_step": self.host_ms_per_step, "preemptions": self.preemptions,
+            "verify_forwards": self.verify_forwards, "rows_per_forward": self.rows_per_forward,
             "bandwidth": dict(self.bandwidth),
         }

@@ -72,8 +72,26 @@ def test_unknown_proposer_is_a_clear_error(capsys):
         create("medusa-x", target=None, args=Namespace(num_draft=4))
 
 
+def test_create_lookahead_defaults_and_options():
+    """--proposer lookahead: the CPU defaults (docs/lookahead.md), each option overrides one;
+    out-of-range values are a clear error."""
+    from argparse import Namespace
+
+    from _tiny import tiny_model
+    from specrt.proposers import LookaheadProposer, create
+
+    m = tiny_model(seed=1)
+    p = create("lookahead", m, Namespace(num_draft=None))
+    assert isinstance(p, LookaheadProposer) and (p.window, p.ngram, p.guesses) == (0, 3, 1)
+    p = create("lookahead", m, Namespace(num_draft=None, lookahead_window=3, lookahead_ngram=4,
+                                         lookahead_guesses=None))
+    assert (p.window, p.ngram, p.guesses) == (3, 4, 1)
+    with pytest.raises(ValueError, match="ngram >= 2"):
+        create("lookahead", m, Namespace(lookahead_ngram=1))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("proposer", ["none", "ngram"])
+@pytest.mark.parametrize("proposer", ["none", "ngram", "lookahead", "self-spec", "cascade"])
 def test_generate_default_model_streams_and_summarizes(proposer):
     r = _run("generate", "--chat", "--prompt", "Write a Python function that adds two numbers.",
              "--max-new-tokens", "24", "--proposer", proposer)
@@ -81,5 +99,5 @@ def test_generate_default_model_streams_and_summarizes(proposer):
     assert "def " in r.stdout
     summary = [line for line in r.stderr.splitlines() if line.startswith("[specrt]")]
     assert summary and "tok/s" in summary[-1]
-    if proposer == "ngram":
+    if proposer != "none":
         assert "mean accepted length" in summary[-1]

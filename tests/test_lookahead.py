@@ -9,7 +9,7 @@ import torch
 from specrt.engine import Engine, SamplingParams
 from specrt.kv_cache import build_metadata
 from specrt.proposers import LookaheadProposer
-from specrt.proposers.base import AuxRows
+from specrt.proposers.base import AuxRows, SeqView
 from _tiny import tiny_model
 from test_engine import (_K, _N_STAT, _PROMPT, _VOCAB, _chi_square_p, _exact_joint,
                          _exact_tables, _prompts)
@@ -47,10 +47,53 @@ def test_greedy_equals_plain(target, page_size):
     # the case under test happened: aux rows ran and drafts were accepted
     assert any(rec[3] is not None for rec in prop.log)
     assert eng.metrics.mean_accepted_length > 1.0
+    # rows counted per verify forward: plain decoding of one prompt has one row per step;
+    # lookahead's steps carry tree nodes and aux rows
+    one = Engine(target, page_size=page_size, num_pages=512)
+    one.generate(prompts[:1], params)
+    assert one.metrics.verify_forwards == one.metrics.steps == 24
+    assert one.metrics.rows_per_forward == 1.0
+    assert eng.metrics.rows_per_forward > len(prompts)
     for p, a in zip(prompts[:2], plain[:2]):  # unbatched
         one = Engine(target, proposer=LookaheadProposer(window=3, ngram=3, guesses=3),
                      page_size=page_size, num_pages=512).generate([p], params)[0]
         assert one.token_ids == a.token_ids
+
+
+def test_fallback_spends_rows_only_without_a_lookup_match(target):
+    """fallback=True: in a step where prompt lookup found a continuation the tree is that chain
+    alone and no aux rows run; elsewhere window and pool run. Batched, both kinds of steps
+    occur, and the output equals plain decoding."""
+    prompts = _prompts(6, seed=5)
+    prompts = [p + p[:6] for p in prompts]  # repeated text: lookup matches in some steps
+    params = SamplingParams(max_new_tokens=30)
+    plain = Engine(target, page_size=4, num_pages=2048).generate(prompts, params)
+    prop = Recorder(window=2, ngram=3, guesses=2, fallback=True)
+    seen = {"matched": 0, "window": 0}
+    orig, orig_lookup = prop.propose, prop._lookup.propose
+    lookups = []
+
+    def lookup(seqs):
+        lookups[:] = orig_lookup(seqs)
+        return lookups
+
+    def propose(seqs):
+        trees = orig(seqs)
+        for t, lk, a in zip(trees, lookups, prop._aux):
+            if lk.num_nodes > 1:  # prompt lookup matched: its chain alone, no window
+                seen["matched"] += 1
+                assert a is None and t.tokens.tolist() == lk.tokens.tolist()
+            elif a is not None:
+                seen["window"] += 1
+        return trees
+
+    prop._lookup.propose, prop.propose = lookup, propose
+    eng = Engine(target, proposer=prop, page_size=4, num_pages=2048)
+    spec = eng.generate(prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert seen["matched"] > 0 and seen["window"] > 0, seen
+    with pytest.raises(ValueError, match="fallback"):
+        LookaheadProposer(fallback=True, prompt_lookup=False)
 
 
 def test_jacobi_only_drafts_are_used(target):
@@ -157,7 +200,7 @@ def test_pool_is_bounded(target):
 
 def test_bad_settings():
     for kw in ({"window": -1}, {"ngram": 1}, {"guesses": -2}, {"window": 0, "guesses": 0},
-               {"window": 2.5}):
+               {"window": 2.5}, {"lookup_depth": 0}, {"lookup_depth": True}):
         with pytest.raises(ValueError):
             LookaheadProposer(**kw)
     tgt = tiny_model(seed=1, scale=3.0)
@@ -175,6 +218,31 @@ def test_bad_settings():
         AuxRows((1, 2), (1, 2), (1, 1))
     with pytest.raises(ValueError, match="offset"):
         AuxRows((1,), (0,), (1,))
+
+
+def test_prompt_lookup_chain_runs_deeper_than_the_ngrams():
+    """The prompt-lookup branch drafts up to lookup_depth tokens (here 5 > N - 1 = 2), capped
+    by the step's max_draft; the pool's guesses stay N - 1 long; the row bound counts both."""
+    prop = LookaheadProposer(window=2, ngram=3, guesses=1, lookup_depth=5)
+    assert prop.max_depth == 5 and prop.max_nodes == 1 + 5 + (1 + 2) * 2
+    assert LookaheadProposer(window=2, ngram=4, guesses=1, prompt_lookup=False).max_depth == 3
+    toks = [5, 6, 7, 8, 9, 10, 11, 12, 3, 4, 5, 6]  # "5 6" occurred before: lookup 7 8 9 10 11
+    for max_draft, want in ((8, [7, 8, 9, 10, 11]), (3, [7, 8, 9])):
+        view = SeqView(0, toks, len(toks), len(toks) - 1, 0.0, 0, 1.0, 0, 0, max_draft, {})
+        prop.add(view)
+        tree = prop.propose([view])[0]
+        toks_np, par = tree.tokens.tolist(), list(tree.parents)
+
+        def path(n):
+            out = []
+            while n > 0:
+                out.append(toks_np[n])
+                n = par[n]
+            return tuple(reversed(out))
+        paths = {path(n) for n in range(1, len(toks_np)) if n not in par}
+        assert tuple(want) in paths, paths
+        assert all(len(p) <= 2 for p in paths if p[:len(want)] != tuple(want)), paths
+        prop.release(0)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +272,9 @@ def test_sampling_lossless(stat_target, temperature, top_k, top_p):
                              max_new_tokens=_K + 1) for s in range(_N_STAT)]
     outs = eng.generate([_STAT_PROMPT] * _N_STAT, params)
     m = eng.metrics
-    # drafts were accepted to full depth (N - 1 = 2) often
-    assert len(m.depth_hist) == 3 and m.depth_hist[2] >= 0.05 * sum(m.depth_hist), m.depth_hist
+    # drafts were accepted to the pool's full depth (N - 1 = 2) often, and the prompt-lookup
+    # chain (lookup_depth 4, capped by max_draft = k) beyond it
+    assert len(m.depth_hist) <= _K + 1 and sum(m.depth_hist[2:]) >= 0.05 * sum(m.depth_hist), \
+        m.depth_hist
     pval = _chi_square_p(outs, exact, _VOCAB, _K + 1)
     assert pval > 1e-4, f"chi-square p = {pval:.2e}, depth histogram {m.depth_hist}"

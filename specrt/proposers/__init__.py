@@ -104,9 +104,15 @@ def create(name: str, target, args=None) -> Proposer:
         path = getattr(args, "self_spec_config", None) or default_self_spec(target)
         return SelfSpecProposer(target, path, k=getattr(args, "num_draft", None))
     if name == "lookahead":
-        # --lookahead-window/-ngram/-guesses; defaults: LookaheadProposer's (chosen by the CPU
-        # measurement in docs/lookahead.md)
-        opts = {o: getattr(args, f"lookahead_{o}", None) for o in ("window", "ngram", "guesses")}
-        return LookaheadProposer(**{o: v for o, v in opts.items() if v is not None})
+        # --lookahead-window/-ngram/-guesses; defaults by device (docs/lookahead.md): on a
+        # 2-core CPU every row past ~4 costs ~5-7% of a step and the Jacobi window's n-grams
+        # never paid for their rows (measured), so the window is off and one pooled guess goes
+        # with the prompt-lookup chain; on a GPU rows are nearly free: W 7, N 5, G 7 (not
+        # measured yet: no GPU lent).
+        gpu = next(target.parameters()).is_cuda
+        dflt = {"window": 7, "ngram": 5, "guesses": 7} if gpu else {"window": 0, "ngram": 3,
+                                                                    "guesses": 1}
+        opts = {o: getattr(args, f"lookahead_{o}", None) for o in dflt}
+        return LookaheadProposer(**{o: dflt[o] if v is None else v for o, v in opts.items()})
     raise ValueError(f"unknown proposer {name!r} (none, ngram, draft, self-spec, medusa, eagle, "
                      "lookahead, cascade)")

@@ -16,7 +16,8 @@ emitted). The pool is also seeded from the prompt and fed from the emitted text.
 
 Verification branch: up to ``G`` pooled n-grams whose first token is the root, merged into a
 trie (deterministic drafts: lossless for greedy and sampled requests alike); optionally the
-prompt-lookup continuation (longest-suffix match, :class:`NgramProposer`) first. The aux rows'
+prompt-lookup continuation (longest-suffix match, :class:`NgramProposer`, up to
+``lookup_depth`` tokens, which may exceed ``N - 1``: copying from the prompt runs long) first. The aux rows'
 K/V never join the sequence: they sit in cache slots past the tree's and the step's rollback
 and trim leave them outside the committed length.
 
@@ -35,7 +36,7 @@ from .ngram import NgramProposer
 _OPTIONS = ("window", "ngram", "guesses")
 
 
-def _check(window, ngram, guesses, max_nodes=None):
+def _check(window, ngram, guesses):
     for name, v in (("window", window), ("ngram", ngram), ("guesses", guesses)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"lookahead {name} must be an integer, got {v!r}")
@@ -44,14 +45,12 @@ def _check(window, ngram, guesses, max_nodes=None):
                          f"W={window}, N={ngram}, G={guesses}")
     if window == 0 and guesses == 0:
         raise ValueError("lookahead with window 0 and 0 guesses drafts nothing")
-    if max_nodes is not None and _rows(window, ngram, guesses) > max_nodes:
-        raise ValueError(f"lookahead W={window}, N={ngram}, G={guesses} needs up to "
-                         f"{_rows(window, ngram, guesses)} rows per sequence (1 + (G + W) * "
-                         f"(N - 1)), more than the engine's max_tree_nodes={max_nodes}")
 
 
-def _rows(window, ngram, guesses, extra_paths=0):
-    return 1 + (guesses + extra_paths + window) * (ngram - 1)
+def _rows(window, ngram, guesses, lookup_depth=0):
+    """Most rows of one sequence's verify forward: root, prompt-lookup chain, G guesses of
+    N - 1 tokens, W (N - 1) window rows."""
+    return 1 + lookup_depth + (guesses + window) * (ngram - 1)
 
 
 class _SeqState:
@@ -74,6 +73,11 @@ class LookaheadProposer(Proposer):
     pool_per_key : n-grams kept per first token (most recent first)
     pool_keys : first tokens kept per sequence (least recently fed out first)
     prompt_lookup : also verify the prompt-lookup continuation (longest suffix match), first
+    lookup_depth : tokens of that continuation (default 4, the ``ngram`` proposer's ``k``)
+    fallback : spend rows on the pool's guesses and the Jacobi window only in steps where
+        prompt lookup finds no continuation (a step that copies text verifies the lookup chain
+        alone, as the ``ngram`` proposer would). For devices where every extra row costs time
+        (a CPU); the window then advances only in those steps.
     pool_from_text : seed the pool with the prompt's n-grams and feed it the emitted ones
     seed : seeds the initial window (tokens drawn from the prompt), per request with its seed
     """
@@ -83,15 +87,22 @@ class LookaheadProposer(Proposer):
 
     def __init__(self, window: int = 4, ngram: int = 3, guesses: int = 4, *,
                  pool_per_key: int = 8, pool_keys: int = 4096, prompt_lookup: bool = True,
-                 pool_from_text: bool = True, seed: int = 0):
+                 lookup_depth: int = 4, fallback: bool = False, pool_from_text: bool = True,
+                 seed: int = 0):
         _check(window, ngram, guesses)
         if pool_per_key < 1 or pool_keys < 1:
             raise ValueError("pool_per_key and pool_keys must be >= 1")
+        if isinstance(lookup_depth, bool) or not isinstance(lookup_depth, int) or lookup_depth < 1:
+            raise ValueError(f"lookahead lookup_depth must be an integer >= 1, got {lookup_depth!r}")
         self.window, self.ngram, self.guesses = window, ngram, guesses
         self.pool_per_key, self.pool_keys = pool_per_key, pool_keys
         self.prompt_lookup, self.pool_from_text = prompt_lookup, pool_from_text
         self.seed = seed
-        self._lookup = NgramProposer(k=ngram - 1, max_n=3) if prompt_lookup else None
+        self.lookup_depth = lookup_depth if prompt_lookup else 0
+        if fallback and not prompt_lookup:
+            raise ValueError("lookahead fallback needs prompt_lookup (it falls back from it)")
+        self.fallback = fallback
+        self._lookup = NgramProposer(k=lookup_depth, max_n=3) if prompt_lookup else None
         self._state: dict[int, _SeqState] = {}
         self._aux: list = []
         self._max_pos = None
@@ -99,11 +110,11 @@ class LookaheadProposer(Proposer):
     @property
     def max_nodes(self) -> int:
         """Tree nodes plus aux rows per sequence with the engine-wide settings."""
-        return _rows(self.window, self.ngram, self.guesses, 1 if self.prompt_lookup else 0)
+        return _rows(self.window, self.ngram, self.guesses, self.lookup_depth)
 
     @property
     def max_depth(self) -> int:
-        return self.ngram - 1
+        return max(self.ngram - 1, self.lookup_depth)
 
     def attach(self, model, cache) -> None:
         self._max_pos = model.config.max_position_embeddings
@@ -120,7 +131,7 @@ class LookaheadProposer(Proposer):
             raise ValueError(f"unknown lookahead draft_options {bad} (known: {list(_OPTIONS)})")
         W, N, G = self._settings(options)
         _check(W, N, G)
-        need = _rows(W, N, G, 1 if self.prompt_lookup else 0)
+        need = _rows(W, N, G, self.lookup_depth)
         if need > max_tree_nodes:
             raise ValueError(f"lookahead W={W}, N={N}, G={G} needs up to {need} rows per "
                              f"sequence, more than the engine's max_tree_nodes={max_tree_nodes}")
@@ -188,11 +199,12 @@ class LookaheadProposer(Proposer):
             root = s.token_ids[-1]
             depth = min(st.N - 1, s.max_draft)
             paths = []
+            matched = lookups is not None and lookups[i].num_nodes > 1
             if depth > 0:
-                if lookups is not None and lookups[i].num_nodes > 1:
+                if matched:
                     # one branch: a chain (the longest-suffix match's continuation)
-                    paths.append(lookups[i]._tokens_np[1:depth + 1].tolist())
-                grams = self._pool_get(st, root)
+                    paths.append(lookups[i]._tokens_np[1:s.max_draft + 1].tolist())
+                grams = None if matched and self.fallback else self._pool_get(st, root)
                 if grams and st.G:
                     picked = 0
                     for cont in reversed(grams):  # most recent first
@@ -201,7 +213,11 @@ class LookaheadProposer(Proposer):
                         if picked == st.G:
                             break
             trees.append(DraftTree.from_paths(root, paths) if paths else DraftTree.single(root))
-            self._aux.append(self._window_rows(s, st))
+            if matched and self.fallback:
+                st.pending = 0
+                self._aux.append(None)
+            else:
+                self._aux.append(self._window_rows(s, st))
         return trees
 
     def aux_rows(self, seqs):
