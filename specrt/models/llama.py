@@ -89,33 +89,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, attn: AttentionMetadata,
                 skip_attn: bool = False, skip_mlp: bool = False):
         """One decoder layer; ``skip_attn`` / ``skip_mlp`` leave the residual stream unchanged
-        for that sublayer (a skipped attention writes and reads no K/V). The default path
-        (nothing skipped) is the verify hot path: the check costs one branch."""
-        if skip_attn or skip_mlp:
-            return self._forward_skipping(x, cos, sin, k_cache, v_cache, attn, skip_attn, skip_mlp)
-        n = x.shape[0]
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
-        # RoPE on q and k heads in one pass (rotate-half layout, as HF checkpoints expect).
-        qk = qkv[:, : self.q_size + self.kv_size].view(n, hq + hkv, d)
-        x1, x2 = qk[..., : d // 2], qk[..., d // 2:]
-        qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        q, k = qk[:, :hq], qk[:, hq:]
-        v = qkv[:, self.q_size + self.kv_size:].view(n, hkv, d)
-        ops.append_kv(k, v, k_cache, v_cache, attn.slot_mapping, validate=not attn.trusted)
-        o = ops.tree_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
-                               attn.qo_indptr, attn.mask, sm_scale=self.sm_scale,
-                               plan=attn.plan, workspace=attn.workspace,
-                               validate=not attn.trusted)
-        x = x + F.linear(o.view(n, hq * d), self.o_weight, self.o_bias)
-        gate, up = F.linear(self.post_norm(x), self.gate_up_weight,
-                            self.gate_up_bias).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+        for that sublayer (a skipped attention writes and reads no K/V)."""
+        if not skip_attn:
+            x = self._attention(x, cos, sin, k_cache, v_cache, attn)
+        return x if skip_mlp else self._mlp(x)
 
     def _attention(self, x, cos, sin, k_cache, v_cache, attn: AttentionMetadata):
         n = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
+        # RoPE on q and k heads in one pass (rotate-half layout, as HF checkpoints expect).
         qk = qkv[:, : self.q_size + self.kv_size].view(n, hq + hkv, d)
         x1, x2 = qk[..., : d // 2], qk[..., d // 2:]
         qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -132,12 +115,6 @@ class DecoderLayer(nn.Module):
         gate, up = F.linear(self.post_norm(x), self.gate_up_weight,
                             self.gate_up_bias).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
-
-    def _forward_skipping(self, x, cos, sin, k_cache, v_cache, attn, skip_attn, skip_mlp):
-        # Same ops as forward(), split at the residual add so either half can be left out.
-        if not skip_attn:
-            x = self._attention(x, cos, sin, k_cache, v_cache, attn)
-        return x if skip_mlp else self._mlp(x)
 
 
 @dataclass(frozen=True, slots=True)
