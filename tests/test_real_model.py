@@ -239,6 +239,13 @@ def test_shipped_eagle_head_is_lossless_and_accepted(native):
     for page_size, total in ((1, 16), (16, "auto")):
         ref = Engine(model, tok, page_size=page_size).generate(prompts, params)
         prop = EagleProposer(model, head, top_k=4, depth=5, total_tokens=total)
+        if total == "auto":
+            # Pin the cost table the auto size reads to a nearly flat one (a GPU's): calibrated
+            # on a loaded machine (a CI runner busy with other jobs) it can come out so steep
+            # that no node pays, and the acceptance check below would fail for timing reasons.
+            # test_eagle.py tests the sizing against cost tables.
+            prop._cost = [(1, 0.040), (16, 0.042), (64, 0.050)]
+            prop._draft_cost = 0.005
         for batch in (1, 2):
             eng = Engine(model, tok, prop, page_size=page_size, max_batch_size=batch, max_draft=5)
             outs = eng.generate(prompts, params)
