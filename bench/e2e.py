@@ -154,6 +154,15 @@ def make_proposer(name, model, args, draft=None):
         elif base != "medusa":
             raise ValueError(name)
         return prop
+    if name.startswith("mtp"):
+        # mtp: the shipped MTP-3 modules, chain; "mtp:K:D": top_k K, depth D
+        from specrt.proposers.mtp import MTPProposer, default_mtp_modules
+
+        base, *opts = name.split(":")
+        if base != "mtp" or len(opts) not in (0, 2):
+            raise ValueError(name)
+        k, d = (int(opts[0]), int(opts[1])) if opts else (1, None)
+        return MTPProposer(model, default_mtp_modules(model), top_k=k, depth=d)
     if name.startswith("lookahead"):
         # lookahead: --lookahead-{window,ngram,guesses}; "lookahead:W:N:G" sets them;
         # "lookahead-jacobi:W:N:G": no prompt-lookup branch (the reference algorithm);

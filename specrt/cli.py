@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--proposer", default="none",
-                   help="none | ngram | draft | self-spec | medusa | eagle | lookahead | cascade")
+                   help="none | ngram | draft | self-spec | medusa | eagle | lookahead | cascade | mtp")
     g.add_argument("--num-draft", type=int, default=None,
                    help="draft tokens per step / deepest tree level (default 4; eagle: its --eagle-depth)")
     g.add_argument("--draft-model", default=None, help="draft model for --proposer draft")
@@ -131,6 +131,11 @@ def main(argv=None) -> int:
                         "horizontal (the strong proposer's first D levels, then n-gram); "
                         "draft+ngram, self-spec+ngram: vertical (n-gram drafts inside the draft "
                         "model's loop; draft needs --draft-model); draft@D+ngram: both")
+    g.add_argument("--mtp-modules", default=None,
+                   help="MTP checkpoint (MiMo or DeepSeek-V3 layout; default: the MTP-3 modules "
+                        "shipped for smollm2-135m)")
+    g.add_argument("--mtp-top-k", type=int, default=None,
+                   help="--proposer mtp: children per frontier node (1: chains, the default)")
     g.add_argument("--lookahead-window", type=int, default=None,
                    help="--proposer lookahead: Jacobi window W (0: pool from the text only)")
     g.add_argument("--lookahead-ngram", type=int, default=None,

@@ -7,6 +7,7 @@ from .draft_model import AutoregressiveDrafter, DraftModelProposer
 from .eagle import EagleHead, EagleProposer, load_eagle_head
 from .lookahead import LookaheadProposer
 from .medusa import MedusaHeads, MedusaProposer
+from .mtp import MTPProposer, default_mtp_modules, load_mtp_modules
 from .ngram import NgramProposer
 from .self_spec import SelfSpecProposer, default_self_spec, load_self_spec, save_self_spec
 
@@ -14,7 +15,8 @@ __all__ = ["Proposer", "NoProposer", "SeqView", "StepResult", "NgramProposer",
            "DraftModelProposer", "AutoregressiveDrafter", "MedusaHeads",
            "MedusaProposer", "LookaheadProposer", "EagleHead", "EagleProposer", "load_eagle_head", "create",
            "default_medusa_heads", "default_eagle_head", "HorizontalCascade", "vertical_cascade",
-           "SelfSpecProposer", "default_self_spec", "load_self_spec", "save_self_spec"]
+           "SelfSpecProposer", "default_self_spec", "load_self_spec", "save_self_spec",
+           "MTPProposer", "default_mtp_modules", "load_mtp_modules"]
 
 
 def _shipped(target, name: str, what: str, option: str) -> str:
@@ -114,5 +116,12 @@ def create(name: str, target, args=None) -> Proposer:
                                                                     "guesses": 1}
         opts = {o: getattr(args, f"lookahead_{o}", None) for o in dflt}
         return LookaheadProposer(**{o: dflt[o] if v is None else v for o, v in opts.items()})
+    if name == "mtp":
+        # --mtp-modules PATH (MiMo or DeepSeek-V3 layout; default: the MTP-3 modules shipped
+        # for smollm2-135m), --num-draft levels (default: the module count), --mtp-top-k
+        # (1: chains, the default), --total-tokens (tree cap)
+        from .mtp import from_args
+
+        return from_args(target, args)
     raise ValueError(f"unknown proposer {name!r} (none, ngram, draft, self-spec, medusa, eagle, "
-                     "lookahead, cascade)")
+                     "lookahead, cascade, mtp)")

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uniform feature noise, the reference's std (scaled by 512 / seq-len)")
     e1.add_argument("--eval-length", type=int, default=5,
                     help="unrolled steps scored on the held-out data")
+    from . import mtp as _mtp
+
+    _mtp.add_args(sub.add_parser("mtp", help="MTP modules (DeepSeek-V3 / MiMo multi-token "
+                                              "prediction; MiMo layout)"))
     return ap
 
 
@@ -110,6 +114,11 @@ def config_from_args(args):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.method == "mtp":
+        from .mtp import run as run_mtp
+
+        args.command = " ".join(shlex.quote(a) for a in ["specrt", "train", *argv])
+        return run_mtp(args)
     from .data import DataError
     from .trainer import run
 
