@@ -154,6 +154,13 @@ def make_proposer(name, model, args, draft=None):
         elif base != "medusa":
             raise ValueError(name)
         return prop
+    if name.split(":")[0] == "mlp-speculator":
+        # mlp-speculator: the shipped speculator, its tree defaults; "mlp-speculator:N": N nodes
+        from specrt.proposers.mlp_speculator import MLPSpeculatorProposer, default_mlp_speculator
+
+        _, _, n = name.partition(":")
+        return MLPSpeculatorProposer(model, default_mlp_speculator(model),
+                                     num_nodes=int(n) if n else None)
     if name.startswith("mtp"):
         # mtp: the shipped MTP-3 modules, chain; "mtp:K:D": top_k K, depth D
         from specrt.proposers.mtp import MTPProposer, default_mtp_modules

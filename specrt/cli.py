@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--proposer", default="none",
-                   help="none | ngram | draft | self-spec | medusa | eagle | lookahead | cascade | mtp")
+                   help="none | ngram | draft | self-spec | medusa | eagle | lookahead | cascade | mtp | "
+                        "mlp-speculator")
     g.add_argument("--num-draft", type=int, default=None,
                    help="draft tokens per step / deepest tree level (default 4; eagle: its --eagle-depth)")
     g.add_argument("--draft-model", default=None, help="draft model for --proposer draft")
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
                         "horizontal (the strong proposer's first D levels, then n-gram); "
                         "draft+ngram, self-spec+ngram: vertical (n-gram drafts inside the draft "
                         "model's loop; draft needs --draft-model); draft@D+ngram: both")
+    g.add_argument("--mlp-speculator", default=None,
+                   help="MLP speculator checkpoint (fms-extras / vLLM layout; default: the one "
+                        "shipped for smollm2-135m)")
     g.add_argument("--mtp-modules", default=None,
                    help="MTP checkpoint (MiMo or DeepSeek-V3 layout; default: the MTP-3 modules "
                         "shipped for smollm2-135m)")
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
     ts.set_defaults(func=cmd_tune)
     # Training lives in specrt.train, imported only when this command runs; it parses its own
     # options (listed here for --help only).
-    sub.add_parser("train", add_help=False, help="train proposer heads (specrt train medusa|eagle3|eagle --help)")
+    sub.add_parser("train", add_help=False, help="train proposer heads (specrt train medusa|eagle3|eagle|mtp|mlp-speculator --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
         from .train.cli import main as train_main

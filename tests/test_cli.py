@@ -91,7 +91,7 @@ def test_create_lookahead_defaults_and_options():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("proposer", ["none", "ngram", "lookahead", "self-spec", "cascade", "mtp"])
+@pytest.mark.parametrize("proposer", ["none", "ngram", "lookahead", "self-spec", "cascade", "mtp", "mlp-speculator"])
 def test_generate_default_model_streams_and_summarizes(proposer):
     r = _run("generate", "--chat", "--prompt", "Write a Python function that adds two numbers.",
              "--max-new-tokens", "24", "--proposer", proposer)

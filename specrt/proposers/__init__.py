@@ -7,6 +7,8 @@ from .draft_model import AutoregressiveDrafter, DraftModelProposer
 from .eagle import EagleHead, EagleProposer, load_eagle_head
 from .lookahead import LookaheadProposer
 from .medusa import MedusaHeads, MedusaProposer
+from .mlp_speculator import (MLPSpeculator, MLPSpeculatorProposer, default_mlp_speculator,
+                            load_mlp_speculator)
 from .mtp import MTPProposer, default_mtp_modules, load_mtp_modules
 from .ngram import NgramProposer
 from .self_spec import SelfSpecProposer, default_self_spec, load_self_spec, save_self_spec
@@ -16,7 +18,8 @@ __all__ = ["Proposer", "NoProposer", "SeqView", "StepResult", "NgramProposer",
            "MedusaProposer", "LookaheadProposer", "EagleHead", "EagleProposer", "load_eagle_head", "create",
            "default_medusa_heads", "default_eagle_head", "HorizontalCascade", "vertical_cascade",
            "SelfSpecProposer", "default_self_spec", "load_self_spec", "save_self_spec",
-           "MTPProposer", "default_mtp_modules", "load_mtp_modules"]
+           "MTPProposer", "default_mtp_modules", "load_mtp_modules", "MLPSpeculator",
+           "MLPSpeculatorProposer", "default_mlp_speculator", "load_mlp_speculator"]
 
 
 def _shipped(target, name: str, what: str, option: str) -> str:
@@ -55,7 +58,8 @@ def _tree_arg(tree):
 
 def create(name: str, target, args=None) -> Proposer:
     """Build a proposer by CLI name: ``none``, ``ngram``, ``draft``, ``self-spec`` (alias
-    ``layer-skip``), ``medusa``, ``eagle``, ``lookahead``, ``cascade``."""
+    ``layer-skip``), ``medusa``, ``eagle``, ``lookahead``, ``cascade``, ``mtp``,
+    ``mlp-speculator``."""
     k = (getattr(args, "num_draft", None) if args is not None else None) or 4
     if name in ("none", None):
         return NoProposer()
@@ -123,5 +127,10 @@ def create(name: str, target, args=None) -> Proposer:
         from .mtp import from_args
 
         return from_args(target, args)
+    if name == "mlp-speculator":
+        # --mlp-speculator PATH (fms-extras / vLLM layout; default: the one shipped for
+        # smollm2-135m); tree size from --num-nodes, else the checkpoint's defaults
+        path = getattr(args, "mlp_speculator", None) or default_mlp_speculator(target)
+        return MLPSpeculatorProposer(target, path, num_nodes=getattr(args, "num_nodes", None))
     raise ValueError(f"unknown proposer {name!r} (none, ngram, draft, self-spec, medusa, eagle, "
-                     "lookahead, cascade, mtp)")
+                     "lookahead, cascade, mtp, mlp-speculator)")

@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uniform feature noise, the reference's std (scaled by 512 / seq-len)")
     e1.add_argument("--eval-length", type=int, default=5,
                     help="unrolled steps scored on the held-out data")
+    from . import mlp_speculator as _mlp_speculator
     from . import mtp as _mtp
+
+    _mlp_speculator.add_args(sub.add_parser(
+        "mlp-speculator", help="multi-stage MLP speculator (fms-extras recipe; public layout)"))
 
     _mtp.add_args(sub.add_parser("mtp", help="MTP modules (DeepSeek-V3 / MiMo multi-token "
                                               "prediction; MiMo layout)"))
@@ -114,6 +118,11 @@ def config_from_args(args):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.method == "mlp-speculator":
+        from .mlp_speculator import run as run_mlp_speculator
+
+        args.command = " ".join(shlex.quote(a) for a in ["specrt", "train", *argv])
+        return run_mlp_speculator(args)
     if args.method == "mtp":
         from .mtp import run as run_mtp
 
