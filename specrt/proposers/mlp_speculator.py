@@ -48,6 +48,7 @@ from torch import nn
 
 from ..tree import DraftTree, _topology
 from .base import Proposer
+from .medusa import _read_tensors  # safetensors / torch checkpoint, errors as ValueError
 
 __all__ = ["MLPSpeculator", "MLPSpeculatorProposer", "load_mlp_speculator",
            "save_mlp_speculator", "default_mlp_speculator", "merge_paths", "SHIPPED"]
@@ -236,23 +237,6 @@ class MLPSpeculator(nn.Module):
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 
 
-def _read(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{path}: unreadable safetensors file: {e}") from e
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable PyTorch checkpoint: {e}") from e
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return sd
-
-
 def load_mlp_speculator(path: Union[str, Path], target=None, *, dtype=None,
                         device=None) -> tuple:
     """Load an MLP speculator in the public layout.
@@ -297,7 +281,7 @@ def load_mlp_speculator(path: Union[str, Path], target=None, *, dtype=None,
             raise ValueError(f"{p}: MLP speculator over a vocabulary of {vocab}, the target has "
                              f"{tcfg.vocab_size} (made for another model)")
     sd = {k[len("speculator."):] if k.startswith("speculator.") else k: v
-          for k, v in _read(wfile).items()}
+          for k, v in _read_tensors(wfile).items()}
     if not isinstance(target, nn.Module):
         target = None
     if dtype is None:
