@@ -48,7 +48,7 @@ def cmd_generate(args) -> int:
     # --num-draft caps the tree depth; by default the proposer's own depth (4 for chains)
     max_draft = args.num_draft or getattr(proposer, "max_depth", None) or 4
     engine = Engine(model, tok, proposer, max_draft=max_draft, nvml=args.nvml,
-                    lossy_acceptance=lossy)
+                    lossy_acceptance=lossy, policy=args.policy)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_new_tokens=args.max_new_tokens)
     for ev in engine.stream([args.prompt], params, chat=args.chat):
@@ -60,6 +60,10 @@ def cmd_generate(args) -> int:
             return 1
     m = engine.metrics
     line = f"\n[specrt] {m.summary()}"
+    if m.budget_hist and args.proposer != "none":
+        top = list(m.budget_histogram().items())[:4]
+        line += (f", policy {engine.policy.name}: draft budgets (depth/nodes: steps) "
+                 + " ".join(f"{k}: {v}" for k, v in top))
     bw = m.bandwidth
     if bw:
         line += (f", DRAM bandwidth util {bw.get('dram_bw_util_pct')}% "
@@ -171,6 +175,11 @@ def main(argv=None) -> int:
     g.add_argument("--posterior-threshold", type=float, default=0.09)
     g.add_argument("--posterior-alpha", type=float, default=0.3)
     g.add_argument("--nvml", action="store_true", help="report DRAM bandwidth utilization (GPU)")
+    g.add_argument("--policy", default=None, choices=["auto", "fixed"],
+                   help="draft sizes: auto (default; $SPECRT_POLICY overrides the default) = per "
+                        "step from this device's measured costs and the acceptance so far "
+                        "(calibrated once, seconds, cached); fixed = the proposer's settings "
+                        "every step")
     g.set_defaults(func=cmd_generate)
     t = sub.add_parser("tune", help="calibrate a proposer for a model (specrt tune self-spec ...)")
     tsub = t.add_subparsers(dest="what", required=True)

@@ -21,6 +21,7 @@ the others go on.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from .attention_plan import AttentionPlanner
 from .batch import AttentionMetadata
 from .kv_cache import OutOfPagesError, PagedKVCache, build_metadata
 from .metrics import RequestMetrics, RunMetrics
+from .policy import AutoPolicy, FixedPolicy
 from .proposers.base import NoProposer, Proposer, SeqView, StepResult
 from .tree import batch_trees, with_aux_rows
 
@@ -121,11 +123,11 @@ class _Seq:
     tokens_sent: int = 0
     t_start: float = 0.0
 
-    def view(self, committed: int, max_draft: int) -> SeqView:
+    def view(self, committed: int, max_draft: int, max_nodes: int = 1 << 30) -> SeqView:
         p = self.params
         return SeqView(self.sid, self.tokens, len(self.out.prompt_token_ids), committed,
                        float(p.temperature), int(p.top_k), float(p.top_p), self.seed, self.step,
-                       max_draft, p.draft_options or {})
+                       max_draft, p.draft_options or {}, max_nodes)
 
 
 def check_device(device: Union[str, torch.device]) -> torch.device:
@@ -205,6 +207,15 @@ class Engine:
     lossy_acceptance : e.g. :class:`specrt.acceptance.TypicalAcceptance`: replaces exact
         verification for sampled requests (greedy ones stay exact). LOSSY: the output no
         longer follows the target's distribution. Default None (lossless).
+    policy : "auto", "fixed", or a policy object (``plan`` / ``observe`` /
+        ``release`` / ``reset``, see :mod:`specrt.policy`): how each step's draft budget
+        (depth, nodes) is chosen per sequence. "auto" sizes every draft to this device's
+        measured costs and the acceptance seen so far (:class:`specrt.policy.AutoPolicy`; the
+        costs are calibrated before the first step, seconds, and cached per device, model,
+        dtype and proposer settings); "fixed" drafts at ``max_draft`` / the proposer's own
+        sizes every step. The output distribution never depends on it. Default: the
+        ``SPECRT_POLICY`` environment variable, else "auto".
+    calibration_s : time budget of that calibration
     """
 
     def __init__(self, model, tokenizer=None, proposer: Optional[Proposer] = None, *,
@@ -212,7 +223,7 @@ class Engine:
                  memory_bytes: Optional[int] = None, max_batch_size: int = 32,
                  max_seq_len: Optional[int] = None, max_draft: int = 8,
                  max_tree_nodes: Optional[int] = None, profile: bool = False, nvml: bool = False,
-                 lossy_acceptance=None):
+                 lossy_acceptance=None, policy=None, calibration_s: float = 20.0):
         self.model = model
         self.tokenizer = tokenizer
         self.proposer = proposer or NoProposer()
@@ -252,6 +263,38 @@ class Engine:
         self.metrics = RunMetrics()
         self._rng = random.Random()
         self._clock = 0
+        self._step_log: Optional[list] = None  # per-step timings, filled during calibration
+        self.costs = None  # the calibrated CostTable (auto policy, or a proposer that wants it)
+        self.calibration_s = calibration_s
+        if policy is None:
+            policy = os.environ.get("SPECRT_POLICY") or "auto"
+        if isinstance(policy, str):
+            if policy not in ("auto", "fixed"):
+                raise ValueError(f"policy must be 'auto', 'fixed' or a policy object, got {policy!r}")
+        elif not all(callable(getattr(policy, m, None)) for m in ("plan", "observe", "release", "reset")):
+            raise ValueError("a policy object needs plan(), observe(), release() and reset()")
+        self._policy_spec = policy
+        # Plain decoding has nothing to choose; "auto" is built (calibrated) before the first step.
+        self.policy = (FixedPolicy(max_draft, self.max_tree_nodes)
+                       if policy == "fixed" or isinstance(self.proposer, NoProposer)
+                       else None if policy == "auto" else policy)
+
+    def budget_menu(self) -> list:
+        """The budgets the auto policy chooses from: the proposer's menu within the engine's
+        ``max_draft`` and ``max_tree_nodes``."""
+        return self.proposer.budget_menu(self.max_draft, self.max_tree_nodes)
+
+    def calibrate(self, refresh: bool = False):
+        """Measure (or load from the cache) this engine's :class:`specrt.policy.CostTable`
+        and build the auto policy from it; runs by itself before the first step."""
+        from .calibrate import load_or_calibrate
+
+        menu = self.budget_menu()
+        self.costs = load_or_calibrate(self, menu, budget_s=self.calibration_s, refresh=refresh)
+        if self._policy_spec == "auto" and not isinstance(self.proposer, NoProposer):
+            self.policy = AutoPolicy(self.costs, menu)
+        self.proposer.set_costs(self.costs)
+        return self.costs
 
     # ---------------------------------------------------------------------------- public API
     @classmethod
@@ -288,6 +331,10 @@ class Engine:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        if self._step_log is None and (self.policy is None or (
+                getattr(self.proposer, "wants_costs", False) and self.costs is None)):
+            self.calibrate()  # once, before the first step (not again inside its own runs)
+        self.policy.reset()
         self.metrics = run = RunMetrics()
         waiting: list[_Seq] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -395,6 +442,7 @@ class Engine:
         if seq.running:
             self.cache.free(seq.sid)
             self.proposer.release(seq.sid)
+            self.policy.release(seq.sid)
             seq.running = False
 
     def _sync(self) -> None:
@@ -485,11 +533,15 @@ class Engine:
         """One verify step for every running sequence; returns the ones that finished."""
         ph = run.phase_s
         t = time.perf_counter()
-        views = []
+        limits = []
         for s in seqs:
             left = min(s.params.max_new_tokens - len(s.out.token_ids),
                        self.max_seq_len - len(s.tokens))
-            views.append(s.view(len(s.tokens) - 1, max(0, min(self.max_draft, left - 1))))
+            limits.append(max(0, min(self.max_draft, left - 1)))
+        budgets = self.policy.plan([s.sid for s in seqs], limits)
+        mt_nodes = self.max_tree_nodes
+        views = [s.view(len(s.tokens) - 1, min(b.depth, lim), min(b.nodes, mt_nodes))
+                 for s, b, lim in zip(seqs, budgets, limits)]
         trees = self.proposer.propose(views)
         aux = self.proposer.aux_rows(views) if self.proposer.uses_aux_rows else None
         if len(trees) != len(seqs) or (aux is not None and len(aux) != len(seqs)):
@@ -499,13 +551,24 @@ class Engine:
             a = aux[i] if aux is not None else None
             n_aux = a.num_rows if a is not None else 0
             if (int(tr.tokens[0]) != v.token_ids[-1] or tr.max_depth > v.max_draft
-                    or tr.num_nodes + n_aux > self.max_tree_nodes
+                    or tr.num_nodes + n_aux > v.max_nodes
                     or (n_aux and v.committed_len + max(a.offsets) >= max_pos)):
                 raise RuntimeError(f"proposer {self.proposer.name} broke the tree contract for sequence {v.seq_id} "
-                                   f"(root, depth <= {v.max_draft}, nodes + aux rows <= {self.max_tree_nodes}, "
+                                   f"(root, depth <= {v.max_draft}, nodes + aux rows <= {v.max_nodes}, "
                                    f"aux positions < {max_pos})")
         if aux is not None and not any(a is not None and a.num_rows for a in aux):
             aux = None
+        trim = getattr(self.policy, "trim", None)
+        kept = None
+        drafted = [t.max_depth for t in trees]  # before any cut: what the proposer offered
+        if trim is not None and not getattr(self.proposer, "sizes_itself", False):
+            # the drafts are known: cut each to what pays now (auto; fixed keeps them)
+            cut = trim([s.sid for s in seqs], trees,
+                       [a.num_rows if a is not None else 0 for a in aux]
+                       if aux is not None else [0] * len(seqs))
+            trees = [t for t, _ in cut]
+            if any(k is not None for _, k in cut):
+                kept = [k for _, k in cut]
         self._sync()
         t1 = time.perf_counter()
         ph["propose"] += t1 - t
@@ -513,6 +576,12 @@ class Engine:
         committed = [v.committed_len for v in views]
         greedy = [not (s.params.temperature > 0) for s in seqs]
         trees, node_maps = _mixed_batch_policy(trees, greedy)
+        if kept is not None:  # verified index -> the proposer's index, through both cuts
+            node_maps = [k if m is None else (m if k is None else [k[j] for j in m])
+                         for k, m in zip(kept, node_maps or [None] * len(trees))]
+        for i, tr in enumerate(trees):  # the sizes verified, per sequence-step
+            n_aux = aux[i].num_rows if aux is not None and aux[i] is not None else 0
+            run.budget_hist[(tr.max_depth, tr.num_nodes + n_aux)] += 1
         tb = batch_trees(trees, committed, device=self.device, greedy=greedy)
         ids = [s.sid for s in seqs]
         aux_pred = None
@@ -540,6 +609,7 @@ class Engine:
         t2 = time.perf_counter()
         ph["verify"] += t2 - t1
         run.target_s += t2 - tm
+        t_forward = t2 - tm
         run.verify_forwards += 1
         run.verify_rows += int(tb.tokens.shape[0]) if aux is None else int(lay.tokens.shape[0])
 
@@ -597,6 +667,8 @@ class Engine:
             self.cache.trim(s.sid)
             s.step += 1
             s.out.metrics.record_step(trees[i].max_depth, na)
+            self.policy.observe(s.sid, budgets[i], na, drafted[i], trees[i].num_nodes,
+                                trees[i].max_depth)
             rows.append([indptr[i] + j for j in path])
             if node_maps is not None and node_maps[i] is not None:
                 path = [node_maps[i][j] for j in path]  # back to the proposer's numbering
@@ -618,7 +690,12 @@ class Engine:
         ph["host"] += t5 - t4
         self.proposer.commit(views, results)
         self._sync()
-        ph["commit"] += time.perf_counter() - t5
+        t6 = time.perf_counter()
+        ph["commit"] += t6 - t5
+        if self._step_log is not None:  # calibration: (B, depth, draft nodes, propose, forward, step)
+            self._step_log.append((len(seqs), max(v.max_draft for v in views),
+                                   sum(v.max_nodes for v in views) - len(views),
+                                   t1 - t, t_forward, t6 - t))
         return finished
 
     def _emit(self, s: _Seq, emitted: list) -> bool:

@@ -2,6 +2,7 @@
 fields (acceptance rate, mean accepted length, per-depth acceptance histogram)."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 PHASES = ("prefill", "propose", "verify", "sample", "rollback", "commit", "host")
@@ -65,6 +66,8 @@ class RunMetrics:
     bandwidth: dict = field(default_factory=dict)
     verify_forwards: int = 0  # target forwards of verify steps (a step of a batch is one)
     verify_rows: int = 0  # query rows in them: tree nodes of every sequence plus aux rows
+    #: sizes verified, (tree depth, tree nodes + aux rows) -> sequence-steps
+    budget_hist: Counter = field(default_factory=Counter)
 
     def add_request(self, m: RequestMetrics) -> None:
         self.requests += 1
@@ -125,4 +128,11 @@ class RunMetrics:
             "host_ms_per_step": self.host_ms_per_step, "preemptions": self.preemptions,
             "verify_forwards": self.verify_forwards, "rows_per_forward": self.rows_per_forward,
             "bandwidth": dict(self.bandwidth),
+            "budget_hist": self.budget_histogram(),
         }
+
+    def budget_histogram(self) -> dict:
+        """``{"depth/nodes": sequence-steps}``, most used first: the sizes verified (what the
+        policy's budgets and the proposer's drafts came to)."""
+        return {f"{d}/{n}": c for (d, n), c in
+                sorted(self.budget_hist.items(), key=lambda kv: (-kv[1], kv[0]))}

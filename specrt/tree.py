@@ -398,6 +398,27 @@ class DraftTree:
         tok = self._tokens_np
         return DraftTree.chain(int(tok[0]), [int(tok[n]) for n in nodes[1:]]), nodes
 
+    def truncated(self, max_depth: int, max_nodes: int) -> "DraftTree":
+        """This tree cut to a draft budget: the nodes of depth <= ``max_depth``, the first
+        ``max_nodes`` of them in node order (a node's parent comes before it and is shallower,
+        so the result is a tree; a proposer that lists its likeliest nodes first keeps them).
+        Returns ``self`` when it already fits."""
+        return self.truncation(max_depth, max_nodes)[0]
+
+    def truncation(self, max_depth: int, max_nodes: int) -> tuple["DraftTree", Optional[list]]:
+        """:meth:`truncated` and the kept nodes' indices in this tree (None when unchanged)."""
+        if self.max_depth <= max_depth and self.num_nodes <= max_nodes:
+            return self, None
+        depths = self.depths.tolist()
+        keep = [i for i, d in enumerate(depths) if d <= max_depth][:max(1, max_nodes)]
+        where = {n: j for j, n in enumerate(keep)}
+        par = self._topo.parents
+        parents = [-1] + [where[par[n]] for n in keep[1:]]
+        probs = self.draft_probs
+        if probs is not None:  # chains only: rows of the kept nodes (the leaf row may be absent)
+            probs = probs[: min(len(keep), probs.shape[0])]
+        return DraftTree(self._tokens_np[keep].tolist(), parents, probs), keep
+
     def packed_mask(self) -> torch.Tensor:
         """int32 [T, ceil(T/32)]: row ``i`` has the bits of ``i``'s ancestors and ``i``."""
         return self._topo.mask_tensor()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from specrt.engine import Engine, SamplingParams
 from specrt.kv_cache import PagedKVCache, build_metadata
+from specrt.policy import CostTable
 from specrt.proposers import NoProposer
 from specrt.proposers.base import SeqView
 from specrt.proposers.eagle import (EagleCheckpointError, EagleConfig, EagleHead, EagleProposer,
@@ -548,22 +549,26 @@ def test_auto_size_follows_the_cost_table(target):
     for p in probs:
         d.add(1, -1, math.log(p), 1)
     order = sorted(range(len(probs)), key=lambda n: (-d.scores[n], n))
-    prop._draft_cost = 0.0
-    prop._cost = [(1, 1.0), (64, 1.0)]  # flat: verify 64 nodes for the price of one
-    assert prop._auto_sizes([d], [order]) == [5]
-    prop._cost = [(1, 1.0), (2, 3.0), (64, 125.0)]  # each node costs two decode steps
-    assert prop._auto_sizes([d], [order]) == [0]
-    prop._cost = [(1, 1.0), (64, 1.0 + 63 * 0.25)]  # +25% per node
-    # E/T: m=0 1/1; m=1 1.9/1.25=1.52; m=2 2.7/1.5=1.8; m=3 3.2/1.75=1.83; m=4 3.4/2=1.7
-    assert prop._auto_sizes([d], [order]) == [3]
+    table = CostTable.synthetic
+
+    def sizes(ds, orders, verify):
+        prop.set_costs(table(verify))
+        return prop._auto_sizes(ds, orders, [63] * len(ds), 1)
+
+    assert sizes([d], [order], lambda b, r: 1.0) == [5]  # flat: 64 nodes for the price of one
+    assert sizes([d], [order], lambda b, r: 1.0 + 2.0 * (r - 1)) == [0]  # a node = 2 decodes
+    # +25% per node. E/T: m=0 1/1; m=1 1.9/1.25=1.52; m=2 2.7/1.5=1.8; m=3 3.2/1.75=1.83; m=4 3.4/2=1.7
+    assert sizes([d], [order], lambda b, r: 1.0 + 0.25 * (r - 1)) == [3]
+    # the step's node budget caps a sequence's share
+    prop.set_costs(table(lambda b, r: 1.0))
+    assert prop._auto_sizes([d], [order], [2], 1) == [2]
     # two sequences share one budget: the best nodes of either go first
     d2 = _Draft()
     for p in (0.95, 0.1):
         d2.add(1, -1, math.log(p), 1)
     o2 = [0, 1]
-    prop._cost = [(1, 0.5), (64, 0.5 + 63 * 0.25)]
-    sizes = prop._auto_sizes([d, d2], [order, o2])
-    assert sizes[1] == 1 and sizes[0] >= 2
+    sz = sizes([d, d2], [order, o2], lambda b, r: 0.5 + 0.25 * (r - 1))
+    assert sz[1] == 1 and sz[0] >= 2
 
 
 def test_wide_trees_beyond_64_drafted_nodes(target):

@@ -73,7 +73,7 @@ class RandomTreeProposer(Proposer):
                 depth.append(depth[p] + 1)
             toks = [s.token_ids[-1]] + [self.rng.randrange(self.vocab if self.near is None else self.near)
                                         for _ in range(t - 1)]
-            trees.append(DraftTree(toks, parents))
+            trees.append(DraftTree(toks, parents).truncated(s.max_draft, s.max_nodes))
         return trees
 
 
@@ -318,8 +318,9 @@ class ExactTreeProposer(Proposer):
                         grow(prefix + (a,), path + [a])
 
             grow((), [])
-            trees.append(DraftTree.from_paths(s.token_ids[-1], paths) if paths
-                         else DraftTree.single(s.token_ids[-1]))
+            tree = (DraftTree.from_paths(s.token_ids[-1], paths) if paths
+                    else DraftTree.single(s.token_ids[-1]))
+            trees.append(tree.truncated(s.max_draft, s.max_nodes))  # the step's budget
         return trees
 
 

@@ -244,10 +244,15 @@ def test_shipped_eagle_head_is_lossless_and_accepted(native):
             # on a loaded machine (a CI runner busy with other jobs) it can come out so steep
             # that no node pays, and the acceptance check below would fail for timing reasons.
             # test_eagle.py tests the sizing against cost tables.
-            prop._cost = [(1, 0.040), (16, 0.042), (64, 0.050)]
-            prop._draft_cost = 0.005
+            from specrt.policy import CostTable
+
+            prop.set_costs(CostTable.synthetic(lambda b, r: 0.040 + 0.010 * (r - 1) / 63,
+                                               draft=(0.0, 0.005, 0.0, 0.0)))
         for batch in (1, 2):
-            eng = Engine(model, tok, prop, page_size=page_size, max_batch_size=batch, max_draft=5)
+            # fixed: this checks EAGLE's own sizing against the pinned table (the engine's
+            # auto policy would calibrate, and hand EAGLE, a table of its own)
+            eng = Engine(model, tok, prop, page_size=page_size, max_batch_size=batch, max_draft=5,
+                         policy="fixed")
             outs = eng.generate(prompts, params)
             assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
             assert eng.metrics.mean_accepted_length > 1.5, eng.metrics.summary()

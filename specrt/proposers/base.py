@@ -31,7 +31,14 @@ class SeqView:
     step : int
         Verify steps this sequence has run (a fresh Philox offset per step).
     max_draft : int
-        Largest number of draft tokens (depth) the engine will accept for it this step.
+        Largest number of draft tokens (depth) the engine will accept for it this step: the
+        depth of the step's budget (:mod:`specrt.policy`).
+    options : dict
+        The request's ``draft_options``.
+    max_nodes : int
+        The step's node budget: tree nodes (root included) plus auxiliary rows. Every proposer
+        honours it (a tree cut with :meth:`DraftTree.truncated` does); at most the engine's
+        ``max_tree_nodes``.
     """
 
     seq_id: int
@@ -45,6 +52,7 @@ class SeqView:
     step: int
     max_draft: int
     options: dict = field(default_factory=dict)
+    max_nodes: int = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +141,23 @@ class Proposer:
     prompt_hidden: str = "last"
     #: propose() also prepares auxiliary rows, read by the engine through aux_rows()
     uses_aux_rows: bool = False
+    #: drafts trees (several branches): the cost-aware policy offers it wide node budgets
+    drafts_trees: bool = False
+
+    def budget_menu(self, max_depth: int, max_nodes: int) -> list:
+        """The budgets (:class:`specrt.policy.Budget`) worth offering this proposer within the
+        engine's limits: plain, every chain, and, for tree proposers, wider node counts. A
+        proposer whose drafting has coarser knobs may override it."""
+        from ..policy import default_menu
+
+        depth = min(max_depth, getattr(self, "max_depth", max_depth))
+        nodes = min(max_nodes, getattr(self, "max_nodes", None) or max_nodes)
+        return default_menu(depth, nodes, self.drafts_trees)
+
+    def set_costs(self, costs) -> None:
+        """The engine's measured :class:`specrt.policy.CostTable` (for a proposer that sizes
+        its own trees from node confidences, e.g. EAGLE-2's dynamic trees): called before the
+        first step when the engine has one. Proposers never time anything themselves."""
 
     def attach(self, model, cache) -> None:
         """Called once by the engine with the target model and its paged cache (proposers

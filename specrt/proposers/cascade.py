@@ -169,6 +169,10 @@ class HorizontalCascade(Proposer):
     def _strong_views(self, seqs):
         return [dataclasses.replace(s, max_draft=min(s.max_draft, self.strong_depth)) for s in seqs]
 
+    @property
+    def drafts_trees(self) -> bool:
+        return self.strong.drafts_trees
+
     # -- drafting -----------------------------------------------------------------------------
     def propose(self, seqs):
         trees = self.strong.propose(self._strong_views(seqs))
@@ -191,7 +195,7 @@ class HorizontalCascade(Proposer):
         toks = tree.tokens.tolist()
         parents = tree.parents.tolist()
         depths = tree.depths.tolist()
-        budget = self.tail_nodes
+        budget = min(self.tail_nodes, seq.max_nodes - tree.num_nodes)
         added = 0
         for leaf in self._leaves(tree):
             room = min(self.tail, seq.max_draft - depths[leaf], budget)

@@ -257,6 +257,7 @@ class DraftModelProposer(AutoregressiveDrafter):
         if tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
         self.tree_width = tree_width
+        self.drafts_trees = tree_width > 1
         super().__init__(k, adaptive, inner)
         self._trees: dict = {}  # seq_id -> (tree, depth k) drafted as a tree this step
         if draft.config.vocab_size > target_vocab:
@@ -286,11 +287,23 @@ class DraftModelProposer(AutoregressiveDrafter):
 
     def propose(self, seqs):
         self._trees.clear()
-        as_tree = [self.tree_width > 1 and s.temperature == 0 and s.max_draft > 0 for s in seqs]
-        chains = iter(super().propose([s for s, t in zip(seqs, as_tree) if not t]))
-        return [self._propose_tree(s) if t else next(chains) for s, t in zip(seqs, as_tree)]
+        widths = [self._width(s) for s in seqs]
+        chains = iter(super().propose([s for s, w in zip(seqs, widths) if w < 2]))
+        return [self._propose_tree(s, w) if w > 1 else next(chains) for s, w in zip(seqs, widths)]
 
-    def _propose_tree(self, seq) -> DraftTree:
+    @property
+    def max_depth(self) -> int:
+        return self.k_max
+
+    def _width(self, s) -> int:
+        """Branches of this step's tree: ``tree_width`` for greedy requests, fewer when the
+        node budget (``1 + width * depth``) is smaller; 1 (a chain) for sampled ones."""
+        if self.tree_width < 2 or s.temperature != 0 or s.max_draft < 1:
+            return 1
+        k = min(self._k.get(s.seq_id, self.k_max), s.max_draft)
+        return max(1, min(self.tree_width, (s.max_nodes - 1) // k))
+
+    def _propose_tree(self, seq, w: int) -> DraftTree:
         """Top-w tree in breadth-first node order: node ``1 + (j-1)*w + i`` is branch ``i`` at
         depth ``j``. Each level re-runs the tree drafted so far (new tokens = every node, with
         its tree mask), so node ``i`` always sits at cache slot ``committed + i``."""
@@ -303,7 +316,6 @@ class DraftModelProposer(AutoregressiveDrafter):
             self.model(torch.tensor(seq.token_ids[dc:c], device=dev), torch.arange(dc, c, device=dev),
                        self.cache.kv, meta, logits_rows=torch.empty(0, dtype=torch.long, device=dev))
             self.cache.commit(sid, c)
-        w = self.tree_width
         tokens, parents = [root], [-1]
         for depth in range(k):
             tree = DraftTree(tokens, parents)

@@ -35,11 +35,13 @@ Trees
   frontier node by cumulative log-probability and keeps the ``top_k`` best as the next
   frontier. All scored nodes are then reranked and the best ``total_tokens - 1`` kept
   (ancestor-closed: a child never scores above its parent; ties go to the earlier node).
-  ``total_tokens="auto"`` picks the count per step from this device's measured verify cost
-  (a calibration at :meth:`EagleProposer.attach`): the number of nodes that maximises expected
-  emitted tokens (1 + the kept nodes' cumulative probabilities, the EAGLE-2 observation that
-  draft confidence approximates acceptance) per unit of step time. The choice depends on the
-  calibration table, fixed for the engine's life, and the drafts, never on live timings.
+  ``total_tokens="auto"`` picks the count per step from the engine's measured cost table
+  (:class:`specrt.policy.CostTable`, handed over by :meth:`EagleProposer.set_costs`; the
+  proposer times nothing itself): the number of nodes that maximises expected emitted tokens
+  (1 + the kept nodes' cumulative probabilities, the EAGLE-2 observation that draft confidence
+  approximates acceptance) per unit of step time, within the step's node budget. The choice
+  depends on the cost table, fixed for the engine's life, and the drafts, never on live
+  timings.
 * static choice trees (EAGLE-1): ``"mc_sim_7b_63"`` or a list of rank paths, as for Medusa.
 
 Verification is the engine's exact rule (lossless; the drafts are deterministic, so sampled
@@ -61,7 +63,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -554,11 +555,12 @@ class EagleProposer(Proposer):
     top_k : frontier width and children per node (dynamic trees)
     depth : deepest draft level (also capped per request by the engine's ``max_draft``)
     total_tokens : tree size, root included (dynamic trees), or ``"auto"``: per step from the
-        measured verify cost of this device (calibrated in :meth:`attach`)
+        engine's cost table (:meth:`set_costs`)
     page_size, num_pages : the head's cache (default: sized at :meth:`attach` to the target's)
     """
 
     name = "eagle"
+    drafts_trees = True
     needs_hidden = True
     prompt_hidden = "all"
 
@@ -628,8 +630,7 @@ class EagleProposer(Proposer):
         self.cache: Optional[PagedKVCache] = None
         self._feats: dict = {}  # seq_id -> list of pending feature tensors [n, nf*H]
         self._last: dict = {}  # seq_id -> head output hidden at the last cached position
-        self._cost: Optional[list] = None  # [(nodes, seconds)] verify-cost table (auto)
-        self._draft_cost = 0.0  # seconds of drafting per step (auto; calibrated)
+        self._costs = None  # the engine's CostTable (auto)
         self.last_sizes: list = []  # tree sizes chosen in the last propose (metrics)
         if num_pages is not None:
             self._make_cache(num_pages)
@@ -650,8 +651,19 @@ class EagleProposer(Proposer):
         if self.cache is None:
             # the head holds at most what the target holds, plus one tree per sequence
             self._make_cache(cache.num_pages + 64 * 8)
-        if self.auto and self._cost is None:
-            self._calibrate(model)
+
+    @property
+    def sizes_itself(self) -> bool:
+        """Auto trees are sized here, from the nodes' confidences: the engine does not trim."""
+        return self.auto
+
+    @property
+    def wants_costs(self) -> bool:
+        """The engine hands its cost table over (auto trees without one yet)."""
+        return self.auto and self._costs is None
+
+    def set_costs(self, costs) -> None:
+        self._costs = costs
 
     def _ensure_cache(self):
         if self.cache is None:
@@ -866,10 +878,12 @@ class EagleProposer(Proposer):
             keep = [list(range(len(d.tokens))) for d in drafts]
         else:
             order = [sorted(range(len(d.tokens)), key=lambda n: (-d.scores[n], n)) for d in drafts]
-            if self.auto and self._cost is not None:
-                sizes = self._auto_sizes(drafts, order)
+            caps = [min(self.total_tokens, s.max_nodes) - 1 for s in seqs]
+            if self.auto and self._costs is not None:
+                depth = max((max(d.depths, default=0) for d in drafts), default=0)
+                sizes = self._auto_sizes(drafts, order, caps, depth)
             else:
-                sizes = [self.total_tokens - 1] * len(drafts)
+                sizes = caps
             keep = [sorted(o[:m]) for o, m in zip(order, sizes)]
         for s, d, kp in zip(seqs, drafts, keep):
             if not kp:
@@ -877,17 +891,20 @@ class EagleProposer(Proposer):
             where = {n: j + 1 for j, n in enumerate(kp)}
             tokens = [s.token_ids[-1]] + [d.tokens[n] for n in kp]
             parents = [-1] + [where[d.parents[n]] if d.parents[n] >= 0 else 0 for n in kp]
-            trees[s.seq_id] = DraftTree(tokens, parents)
-            self.last_sizes.append(len(tokens))
+            tree = DraftTree(tokens, parents)
+            if self.static is not None:
+                tree = tree.truncated(s.max_draft, s.max_nodes)  # the step's node budget
+            trees[s.seq_id] = tree
+            self.last_sizes.append(tree.num_nodes)
 
     # -- automatic tree size -----------------------------------------------------------------
-    def _auto_sizes(self, drafts, order) -> list:
+    def _auto_sizes(self, drafts, order, caps, depth: int) -> list:
         """Per sequence draft-node counts maximising (B + expected accepted) / step time, with
-        step time = drafting + verify(total nodes) from the calibration table. Nodes of all
-        sequences compete for one budget, best probability first."""
+        step time from the engine's cost table (host + drafting at this depth + verify of the
+        total rows). Nodes of all sequences compete for one budget, best probability first."""
         cand = []
         for i, (d, o) in enumerate(zip(drafts, order)):
-            for n in o[: self.total_tokens - 1]:
+            for n in o[: caps[i]]:
                 cand.append((-d.scores[n], i))
         cand.sort()
         b = len(drafts)
@@ -895,72 +912,10 @@ class EagleProposer(Proposer):
         for m in range(len(cand) + 1):
             if m:
                 gain += math.exp(-cand[m - 1][0])
-            rate = gain / (self._draft_cost + self._verify_cost(b + m))
+            rate = gain / self._costs.step(b, depth, b + m)
             if rate > best:
                 best, best_m = rate, m
         sizes = [0] * b
         for _, i in cand[:best_m]:
             sizes[i] += 1
         return sizes
-
-    def _verify_cost(self, nodes: int) -> float:
-        tab = self._cost
-        if nodes <= tab[0][0]:
-            return tab[0][1]
-        for (n0, t0), (n1, t1) in zip(tab, tab[1:]):
-            if nodes <= n1:
-                return t0 + (t1 - t0) * (nodes - n0) / (n1 - n0)
-        (n0, t0), (n1, t1) = tab[-2], tab[-1]
-        return t1 + (t1 - t0) * (nodes - n1) / (n1 - n0)
-
-    @torch.no_grad()
-    def _calibrate(self, model, prefix: int = 128, reps: int = 3) -> None:
-        """Time a verify forward of 1..64 tree nodes over a ``prefix``-token context (median
-        of ``reps``); bounded to a few seconds on a small CPU model."""
-        from ..tree import batch_trees
-
-        cfg = model.config
-        p0 = next(model.parameters())
-        sizes = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(2, self.total_tokens)]
-        cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16,
-                             (prefix + 64) // 16 + 2, p0.dtype, p0.device)
-        cache.add_sequence(0)
-        cache.reserve(0, prefix)
-        cache.commit(0, prefix)
-        sync = (lambda: torch.cuda.synchronize(p0.device)) if p0.is_cuda else (lambda: None)
-        tab = []
-        for n in sizes:
-            tree = DraftTree([1] * n, [-1] + [max(0, (i - 1) // 2) for i in range(1, n)])
-            times = []
-            for _ in range(reps):
-                tb = batch_trees([tree], [prefix], device=p0.device)
-                meta = build_metadata(cache, [0], tb, p0.device)
-                sync()
-                t = time.perf_counter()
-                model(tb.tokens.long(), tb.positions, cache.kv, meta)
-                sync()
-                times.append(time.perf_counter() - t)
-            tab.append((n, sorted(times)[len(times) // 2]))
-        self._cost = tab
-        # Drafting: one head level of top_k rows (forward + logits + top-k), times depth
-        # (the root expansion and the catch-up cost about one level together).
-        c = self.head.cfg
-        hc = PagedKVCache(1, c.num_kv_heads, c.head_dim, 16, (prefix + 64) // 16 + 2,
-                          p0.dtype, p0.device)
-        hc.add_sequence(0)
-        hc.reserve(0, prefix)
-        hc.commit(0, prefix)
-        k = self.top_k
-        emb = F.embedding(torch.ones(k, dtype=torch.long, device=p0.device), self._embed)
-        feat = torch.zeros(k, c.hidden_size, dtype=p0.dtype, device=p0.device)
-        cos, sin = self._rope(torch.full((k,), prefix, dtype=torch.long, device=p0.device))
-        times = []
-        for _ in range(reps):
-            meta = build_metadata(hc, [0], [k], p0.device)
-            sync()
-            t = time.perf_counter()
-            out = self.head.paged_forward(emb, feat, cos, sin, hc.kv, meta)
-            self._topk(self.head.logits(out, self._lm_head), k)[0].tolist()
-            sync()
-            times.append(time.perf_counter() - t)
-        self._draft_cost = sorted(times)[len(times) // 2] * self.depth

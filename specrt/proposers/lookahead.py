@@ -84,6 +84,7 @@ class LookaheadProposer(Proposer):
 
     name = "lookahead"
     uses_aux_rows = True
+    drafts_trees = True
 
     def __init__(self, window: int = 4, ngram: int = 3, guesses: int = 4, *,
                  pool_per_key: int = 8, pool_keys: int = 4096, prompt_lookup: bool = True,
@@ -212,8 +213,12 @@ class LookaheadProposer(Proposer):
                         picked += 1
                         if picked == st.G:
                             break
-            trees.append(DraftTree.from_paths(root, paths) if paths else DraftTree.single(root))
-            if matched and self.fallback:
+            # The step's node budget: the lookup chain and the guesses first (cut to fit),
+            # then the Jacobi window only if all its rows fit beside them.
+            tree = DraftTree.from_paths(root, paths) if paths else DraftTree.single(root)
+            tree = tree.truncated(s.max_draft, s.max_nodes)
+            trees.append(tree)
+            if (matched and self.fallback) or tree.num_nodes + st.W * len(st.levels) > s.max_nodes:
                 st.pending = 0
                 self._aux.append(None)
             else:

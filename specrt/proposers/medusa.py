@@ -535,6 +535,7 @@ class MedusaProposer(Proposer):
     """
 
     name = "medusa"
+    drafts_trees = True
     needs_hidden = True
 
     def __init__(self, target, heads, *, tree: Union[str, Sequence] = "dynamic",
@@ -587,6 +588,10 @@ class MedusaProposer(Proposer):
             self.top_k = min(top_k, heads.draft_vocab_size)
         self._hidden: dict[int, torch.Tensor] = {}  # seq_id -> [H] pre-norm hidden
 
+    @property
+    def max_depth(self) -> int:
+        return self.heads.num_heads
+
     # -- state --------------------------------------------------------------------------------
     def add(self, seq, hidden=None, aux_hidden=None) -> None:
         if hidden is not None and hidden.shape[0] > 0:
@@ -636,9 +641,9 @@ class MedusaProposer(Proposer):
             depth = min(s.max_draft, self.heads.num_heads)
             if self.static is not None:
                 toks, topo = self.static.tokens(root, ids[j], depth)
-                trees[i] = DraftTree._make(toks, topo)
+                trees[i] = DraftTree._make(toks, topo).truncated(depth, s.max_nodes)
                 continue
-            paths = _best_paths(lps[j], self.max_nodes - 1, depth)
+            paths = _best_paths(lps[j], min(self.max_nodes, s.max_nodes) - 1, depth)
             tokens, parents, index = [root], [-1], {(): 0}
             for p in paths:
                 index[p] = len(tokens)

@@ -448,6 +448,7 @@ class MLPSpeculatorProposer(Proposer):
         if self.max_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {self.max_nodes}")
         self.max_depth = n
+        self.drafts_trees = self.n_candidates > 1 and self.max_nodes > n + 1
         self._hidden: dict = {}  # seq_id -> [H] pre-norm hidden that predicted the root
 
     # -- state --------------------------------------------------------------------------------
@@ -518,6 +519,7 @@ class MLPSpeculatorProposer(Proposer):
                 nc = min(self.n_candidates, paths.shape[1])
                 best = score.topk(nc, dim=1).indices  # ties: torch's order, deterministic
                 host[d] = torch.gather(paths, 1, best.unsqueeze(-1).expand(-1, -1, d)).cpu().tolist()
-            toks, parents = merge_paths(seqs[i].token_ids[-1], host[d][j], self.max_nodes - 1)
+            toks, parents = merge_paths(seqs[i].token_ids[-1], host[d][j],
+                                        min(self.max_nodes, seqs[i].max_nodes) - 1)
             trees[i] = DraftTree._make(toks, _topology(tuple(parents)))
         return trees

@@ -660,6 +660,7 @@ class MTPProposer(Proposer):
             raise ValueError(f"total_tokens must be an int >= 1, got {total_tokens!r}")
         self.total_tokens = cap if total_tokens is None else min(total_tokens, cap)
         self.max_nodes = self.total_tokens
+        self.drafts_trees = top_k > 1
         self.target = target
         self._embed = target.embed_tokens
         self._lm_head = target.lm_head
@@ -906,7 +907,7 @@ class MTPProposer(Proposer):
         if not d.tokens:
             return None
         order = sorted(range(len(d.tokens)), key=lambda n: (-d.scores[n], n))
-        kp = sorted(order[: self.total_tokens - 1])
+        kp = sorted(order[: min(self.total_tokens, s.max_nodes) - 1])
         if not kp:
             return None
         where = {n: j + 1 for j, n in enumerate(kp)}

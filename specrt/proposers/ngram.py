@@ -35,6 +35,7 @@ class NgramProposer(Proposer):
             raise ValueError("k and max_branches must be >= 1")
         self.k, self.min_n, self.max_n = k, min_n, max_n
         self.max_branches, self.max_nodes = max_branches, max_nodes
+        self.drafts_trees = max_branches > 1
         self._state: dict[int, list] = {}  # seq_id -> [index: dict, indexed: int]
 
     def add(self, seq) -> None:
@@ -61,7 +62,8 @@ class NgramProposer(Proposer):
             toks = s.token_ids
             self._update(st, toks)
             depth = min(self.k, s.max_draft)
-            paths = self._lookup(st[0], toks, depth) if depth > 0 else []
+            paths = (self._lookup(st[0], toks, depth, min(self.max_nodes, s.max_nodes))
+                     if depth > 0 else [])
             trees.append(DraftTree.from_paths(toks[-1], paths) if paths else DraftTree.single(toks[-1]))
         return trees
 
@@ -110,7 +112,11 @@ class NgramProposer(Proposer):
                 return list(tokens[end + 1:end + 1 + depth])
         return []
 
-    def _lookup(self, index, toks, depth):
+    @property
+    def max_depth(self) -> int:
+        return self.k
+
+    def _lookup(self, index, toks, depth, max_nodes):
         last = len(toks) - 1
         for n in range(min(self.max_n, len(toks)), self.min_n - 1, -1):
             ends = index.get(tuple(toks[last - n + 1:]))
@@ -123,8 +129,10 @@ class NgramProposer(Proposer):
                 cont = tuple(toks[end + 1:end + 1 + depth])
                 if not cont or cont in seen:
                     continue
-                if nodes + len(cont) > self.max_nodes:
-                    break
+                if nodes + len(cont) > max_nodes:
+                    cont = cont[:max_nodes - nodes]  # the first branch always fits in part
+                    if not cont or paths:
+                        break
                 seen.add(cont)
                 paths.append(cont)
                 nodes += len(cont)

@@ -1,0 +1,334 @@
+"""Calibration of the cost model of :class:`specrt.policy.AutoPolicy`: seconds, cached.
+
+Measured per engine (device, model, dtype, page size, proposer and its settings):
+
+- **verify**: the target forward over ``n`` tree rows for each of ``B`` sequences with a
+  128-token context, on a grid of batch sizes (1, 2, 4, ... up to ``max_batch_size``) and rows
+  per sequence (1 .. ``max_tree_nodes``), coarse grid first, then refined while the time
+  budget lasts; total rows are capped (the table extrapolates linearly past them);
+- **drafting and host overhead**: short engine runs with the proposer at fixed budgets (plain,
+  a depth-1 chain, the deepest chain, the widest tree) on synthetic prompts (random tokens
+  with a repeated stretch, so n-gram style proposers find matches), at batch 1 and at a larger
+  batch; the engine's own step timings give the proposer's ``propose`` time and the rest of
+  the step. Drafting time is fitted as ``a + per_level * depth + per_node * draft nodes``.
+
+The table is cached as JSON under ``$SPECRT_CACHE_DIR/costs`` (default
+``~/.cache/specrt/costs``) in a file named by a hash of everything it depends on (the key is
+stored beside the table and compared on load): another device, model, dtype, torch version,
+thread count or proposer setting gives another file, i.e. a fresh calibration. Nothing here
+runs on the decode path: the engine calibrates once, before its first step, and the policy
+reads the table only.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .kv_cache import PagedKVCache, build_metadata
+from .policy import PLAIN, Budget, CostTable
+from .tree import DraftTree, batch_trees
+
+__all__ = ["cache_dir", "cost_key", "calibrate", "load_or_calibrate", "device_name"]
+
+_NODE_COARSE = (1, 2, 4, 8, 16, 32, 64)
+_NODE_FINE = (3, 5, 6, 10, 12, 24, 48)
+_PREFIX = 128
+_ROW_CAP = 512
+_VERSION = 1
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPECRT_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "specrt"
+    return base / "costs"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return name
+
+
+def _proposer_signature(proposer) -> dict:
+    """The proposer's name and its scalar settings (what its drafting cost depends on)."""
+    sig = getattr(proposer, "cost_signature", None)
+    if callable(sig):
+        return sig()
+    out = {"name": proposer.name, "class": type(proposer).__name__}
+    for k, v in sorted(vars(proposer).items()):
+        if k.startswith("_"):
+            continue
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (tuple, list)) and len(v) <= 64 and all(
+                isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+    return out
+
+
+def cost_key(engine) -> dict:
+    """Everything the cost table depends on."""
+    from .proposers.self_spec import model_fingerprint
+
+    dev = engine.device
+    return {
+        "version": _VERSION,
+        "device": device_name(dev), "device_type": dev.type,
+        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        "torch": torch.__version__,
+        "model": model_fingerprint(engine.model),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "page_size": engine.cache.page_size,
+        "max_batch_size": engine.max_batch_size,
+        "max_tree_nodes": engine.max_tree_nodes,
+        "max_draft": engine.max_draft,
+        "proposer": _proposer_signature(engine.proposer),
+    }
+
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_or_calibrate(engine, menu, *, budget_s: float = 20.0, refresh: bool = False,
+                      path: Optional[Path] = None) -> CostTable:
+    """The cached table of ``engine`` if its key matches, else a fresh calibration (saved)."""
+    key = cost_key(engine)
+    path = path or cache_dir() / f"{_key_hash(key)}.json"
+    if not refresh and path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            if d.get("key") == json.loads(json.dumps(key, default=str)):
+                t = CostTable.from_dict(d["table"])
+                t.meta["cached"] = str(path)
+                return t
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or stale: calibrate again
+    table = calibrate(engine, menu, budget_s=budget_s)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "table": table.as_dict()}, default=str, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: the table still serves this engine
+    return table
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch_grid(max_batch: int) -> list:
+    g, b = [], 1
+    while b < max_batch:
+        g.append(b)
+        b *= 2
+    g.append(max_batch)
+    return g
+
+
+@torch.no_grad()
+def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
+                 reps: int = 3) -> dict:
+    """``{(B, n): seconds}``: median of ``reps`` forwards after one untimed forward of the
+    same shape (a new GEMM shape's first call pays for its setup), coarse grid first."""
+    cfg = model.config
+    max_b, max_n = max(batch_sizes), max(node_sizes)
+    page = 16
+    per_seq = -(-(_PREFIX + max_n) // page)
+    cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page,
+                         max_b * per_seq + 1, dtype, device)
+    for s in range(max_b):
+        cache.add_sequence(s)
+        cache.reserve(s, _PREFIX + max_n)
+        cache.commit(s, _PREFIX)
+    out: dict = {}
+
+    def run(B, n):
+        tree = DraftTree([1] * n, [-1] + [(i - 1) // 2 for i in range(1, n)])
+        tb = batch_trees([tree] * B, [_PREFIX] * B, device=device)
+        meta = build_metadata(cache, list(range(B)), tb, device)
+        _sync(device)
+        t = time.perf_counter()
+        model(tb.tokens.long(), tb.positions, cache.kv, meta)
+        _sync(device)
+        return time.perf_counter() - t
+
+    run(1, 1)  # warm-up
+    coarse = [n for n in _NODE_COARSE if n < max_n] + [max_n]
+    fine = [n for n in _NODE_FINE if n < max_n and n not in coarse]
+    for grid in (coarse, fine):
+        for B in batch_sizes:
+            for n in grid:
+                if (B, n) in out or n not in node_sizes:
+                    continue
+                if B * n > _ROW_CAP and any(k[0] == B for k in out) and n != 1:
+                    continue
+                if time.perf_counter() > deadline and sum(k[0] == B for k in out) >= 2:
+                    continue
+                run(B, n)
+                out[(B, n)] = statistics.median(run(B, n) for _ in range(reps))
+    return out
+
+
+class _OneBudget:
+    """A policy that hands every sequence the same budget (calibration runs)."""
+
+    name = "calibration"
+    needs_costs = False
+
+    def __init__(self, b: Budget):
+        self.b = b
+
+    def reset(self):
+        pass
+
+    def plan(self, sids, limits):
+        return [Budget(min(self.b.depth, lim), self.b.nodes) for lim in limits]
+
+    def observe(self, sid, b, accepted, drafted=None, nodes=None, verified=None):
+        pass
+
+    def release(self, sid):
+        pass
+
+
+def _synthetic_prompts(vocab: int, count: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    hi = max(2, min(vocab, 32000))
+    prompts = []
+    for _ in range(count):
+        part = [rng.randrange(1, hi) for _ in range(24)]
+        prompts.append(part + [rng.randrange(1, hi) for _ in range(16)] + part)
+    return prompts
+
+
+def _time_steps(engine, menu, batch_sizes, deadline: float, steps: int = 6) -> dict:
+    """Per calibration batch size, the engine's step log at a few fixed budgets."""
+    from .engine import SamplingParams
+
+    deep = max((b.depth for b in menu), default=0)
+    picks = [PLAIN]
+    for b in menu:  # depth-1 chain, deepest chain, widest tree
+        if b.depth == 1 and b.nodes == 2:
+            picks.append(b)
+    chains = [b for b in menu if b.depth == deep and b.nodes == deep + 1]
+    picks += chains[:1]
+    widest = max(menu, key=lambda b: (b.nodes, b.depth))
+    if widest not in picks:
+        picks.append(widest)
+    saved = engine.policy
+    logs: dict = {}
+    vocab = engine.model.config.vocab_size
+    try:
+        for B in batch_sizes:
+            rows = []
+            for b in picks:
+                if time.perf_counter() > deadline and len(rows) >= 2 * steps:
+                    break
+                engine.policy = _OneBudget(b)
+                engine._step_log = []
+                params = SamplingParams(temperature=0.0, max_new_tokens=steps + 1,
+                                        ignore_eos=True)
+                engine.generate(_synthetic_prompts(vocab, B), params)
+                rows += engine._step_log[1:]  # the first step pays one-off costs
+            logs[B] = rows
+    finally:
+        engine.policy = saved
+        engine._step_log = None
+    return logs
+
+
+def _fit_draft(rows) -> tuple:
+    """``(t0, a, per_level, per_node)`` from step-log rows ``(B, depth, draft_nodes,
+    propose_s, forward_s, step_s)``."""
+    import numpy as np
+
+    plain = [r[3] for r in rows if r[1] == 0]
+    t0 = statistics.median(plain) if plain else 0.0
+    pts = [r for r in rows if r[1] > 0]
+    if not pts:
+        return (t0, t0, 0.0, 0.0)
+    X = np.array([[1.0, r[1], r[2]] for r in pts])
+    y = np.array([r[3] for r in pts])
+    coef = np.linalg.lstsq(X, y, rcond=None)[0]
+    a, per_level, per_node = (float(c) for c in coef)
+    if per_level < 0 or per_node < 0 or a < 0:  # noisy or degenerate: the simplest fit
+        per_level = max(per_level, 0.0)
+        per_node = max(per_node, 0.0)
+        a = max(0.0, float(np.mean(y - per_level * X[:, 1] - per_node * X[:, 2])))
+    return (t0, a, per_level, per_node)
+
+
+def calibrate(engine, menu, *, budget_s: float = 20.0) -> CostTable:
+    """Measure ``engine``'s cost table (module docstring); about ``budget_s`` seconds (the
+    verify grid gets 60% of it, the engine runs the rest; a coarse grid and one engine run
+    per budget always complete)."""
+    t_start = time.perf_counter()
+    dev, model = engine.device, engine.model
+    batch_sizes = _batch_grid(engine.max_batch_size)
+    nodes = sorted({n for n in (*_NODE_COARSE, *_NODE_FINE) if n <= engine.max_tree_nodes}
+                   | {max(1, engine.max_tree_nodes)})
+    ver = _time_verify(model, dev, engine.dtype, batch_sizes, nodes,
+                       t_start + 0.6 * budget_s)
+    cal_b = sorted({1, min(8, engine.max_batch_size)})
+    logs = _time_steps(engine, menu, cal_b, t_start + budget_s)
+    fits, hosts = {}, {}
+    for B, rows in logs.items():
+        fits[B] = _fit_draft(rows)
+        rest = [max(0.0, r[5] - r[3] - r[4]) for r in rows]
+        hosts[B] = statistics.median(rest) if rest else 0.0
+
+    def interp(B, table):
+        ks = sorted(table)
+        if B <= ks[0]:
+            return table[ks[0]]
+        if B >= ks[-1]:
+            return table[ks[-1]]
+        lo = max(k for k in ks if k <= B)
+        hi = min(k for k in ks if k >= B)
+        if lo == hi:
+            return table[lo]
+        f = (B - lo) / (hi - lo)
+        a, b = table[lo], table[hi]
+        if isinstance(a, tuple):
+            return tuple(x + (y - x) * f for x, y in zip(a, b))
+        return a + (b - a) * f
+
+    bs, rows, vs, hs, ds = [], [], [], [], []
+    for B in batch_sizes:
+        pts = sorted((B * n, t) for (b, n), t in ver.items() if b == B)
+        if len(pts) < 1:
+            continue
+        bs.append(B)
+        rows.append([r for r, _ in pts])
+        vs.append([t for _, t in pts])
+        hs.append(interp(B, hosts))
+        ds.append(list(interp(B, fits)))
+    meta = {"device": device_name(dev), "dtype": str(engine.dtype).replace("torch.", ""),
+            "proposer": engine.proposer.name,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "calibration_s": round(time.perf_counter() - t_start, 3),
+            "menu": [[b.depth, b.nodes] for b in menu]}
+    return CostTable(bs, rows, vs, hs, ds, meta)
