@@ -30,7 +30,6 @@ Search (bounded by ``budget_s``; each phase checks the clock):
 from __future__ import annotations
 
 import datetime as _dt
-import platform
 import random
 import statistics
 import time
@@ -374,15 +373,8 @@ def tune_self_spec(model, tokenizer=None, prompts=None, *, budget_s: float = 300
 
 
 def _device_name(dev) -> str:
+    from .calibrate import device_name
+
     if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu ({name}, {torch.get_num_threads()} threads)"
+        return device_name(dev)
+    return f"cpu ({device_name(dev)}, {torch.get_num_threads()} threads)"
