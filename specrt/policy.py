@@ -392,8 +392,9 @@ def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
 
     For every depth cap D (drafting cost grows with the batch's deepest budget) each sequence's
     budgets are reduced to their concave hull of extra rows vs gain, the hull steps of all
-    sequences are taken best gain-per-row first, and the best prefix over all D wins. Ties go
-    to fewer rows.
+    sequences are taken best gain-per-row first, and the best prefix over all D wins; then a
+    coordinate ascent over single sequences' exact alternatives (menus of up to 512 budgets in
+    all). Ties go to fewer rows.
     """
     B = len(menus)
     if B == 0:
