@@ -199,7 +199,6 @@ class _OneBudget:
     """A policy that hands every sequence the same budget (calibration runs)."""
 
     name = "calibration"
-    needs_costs = False
 
     def __init__(self, b: Budget):
         self.b = b

@@ -483,7 +483,6 @@ class FixedPolicy:
     the proposer's own settings, every step: the behaviour before cost-aware speculation."""
 
     name = "fixed"
-    needs_costs = False
 
     def __init__(self, max_draft: int, max_nodes: int):
         self.max_draft, self.max_nodes = max_draft, max_nodes
@@ -530,7 +529,6 @@ class AutoPolicy:
     """
 
     name = "auto"
-    needs_costs = True
 
     def __init__(self, costs: CostTable, menu: Sequence[Budget],
                  acceptance: Optional[AcceptanceModel] = None, probe_every: int = 16,
