@@ -195,6 +195,32 @@ class Proposer:
         """A sequence finished: free its state."""
 
 
+class LastHiddenProposer(Proposer):
+    """A proposer that drafts from the target's hidden state at the position that predicted
+    the root (Medusa heads, the MLP speculator): it keeps that one state per sequence in
+    ``self._hidden`` (seq_id -> [H]), from the prompt at :meth:`add` and from the accepted
+    path's last node at :meth:`commit`; a sequence without one drafts nothing."""
+
+    needs_hidden = True
+
+    def add(self, seq, hidden=None, aux_hidden=None) -> None:
+        if hidden is not None and hidden.shape[0] > 0:
+            self._hidden[seq.seq_id] = hidden[-1]
+        else:
+            self._hidden.pop(seq.seq_id, None)
+
+    def release(self, seq_id: int) -> None:
+        self._hidden.pop(seq_id, None)
+
+    def commit(self, seqs, results) -> None:
+        # the engine hands hidden states (>= 1 row, the root's) only to accepted steps
+        for s, r in zip(seqs, results):
+            if r.hidden is not None and r.hidden.shape[0] > 0:
+                self._hidden[s.seq_id] = r.hidden[-1]
+            else:
+                self._hidden.pop(s.seq_id, None)
+
+
 class NoProposer(Proposer):
     """Plain autoregressive decoding: one-node trees (the baseline of every speed-up)."""
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tree import DraftTree, _topology
-from .base import Proposer
+from .base import LastHiddenProposer
 
 __all__ = ["MC_SIM_7B_63", "MedusaHeads", "MedusaProposer", "load_medusa_heads",
            "save_medusa_heads", "choices_topology", "sparse_choices", "LAYOUTS"]
@@ -517,7 +517,7 @@ class _StaticTree:
 # --------------------------------------------------------------------------------------------
 
 
-class MedusaProposer(Proposer):
+class MedusaProposer(LastHiddenProposer):
     """Medusa drafting on the target's hidden states.
 
     Parameters
@@ -536,7 +536,6 @@ class MedusaProposer(Proposer):
 
     name = "medusa"
     drafts_trees = True
-    needs_hidden = True
 
     def __init__(self, target, heads, *, tree: Union[str, Sequence] = "dynamic",
                  num_nodes: int = 16, top_k: int = 8, dtype=None):
@@ -591,23 +590,6 @@ class MedusaProposer(Proposer):
     @property
     def max_depth(self) -> int:
         return self.heads.num_heads
-
-    # -- state --------------------------------------------------------------------------------
-    def add(self, seq, hidden=None, aux_hidden=None) -> None:
-        if hidden is not None and hidden.shape[0] > 0:
-            self._hidden[seq.seq_id] = hidden[-1]
-        else:
-            self._hidden.pop(seq.seq_id, None)
-
-    def release(self, seq_id: int) -> None:
-        self._hidden.pop(seq_id, None)
-
-    def commit(self, seqs, results) -> None:
-        for s, r in zip(seqs, results):
-            if r.hidden is not None and r.num_accepted >= 0:
-                self._hidden[s.seq_id] = r.hidden[-1]
-            else:
-                self._hidden.pop(s.seq_id, None)
 
     # -- drafting -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tree import DraftTree, _topology
-from .base import Proposer
+from .base import LastHiddenProposer
 from .medusa import _read_tensors  # safetensors / torch checkpoint, errors as ValueError
 
 __all__ = ["MLPSpeculator", "MLPSpeculatorProposer", "load_mlp_speculator",
@@ -390,7 +390,7 @@ def merge_paths(root: int, paths: Sequence[Sequence[int]], budget: int) -> tuple
 # --------------------------------------------------------------------------------------------
 
 
-class MLPSpeculatorProposer(Proposer):
+class MLPSpeculatorProposer(LastHiddenProposer):
     """Drafting with an MLP speculator on the target's hidden state.
 
     Parameters
@@ -408,7 +408,6 @@ class MLPSpeculatorProposer(Proposer):
     """
 
     name = "mlp-speculator"
-    needs_hidden = True
 
     def __init__(self, target, speculator, *, top_k: Union[int, Sequence[int], None] = None,
                  n_candidates: Optional[int] = None, num_nodes: Optional[int] = None,
@@ -450,23 +449,6 @@ class MLPSpeculatorProposer(Proposer):
         self.max_depth = n
         self.drafts_trees = self.n_candidates > 1 and self.max_nodes > n + 1
         self._hidden: dict = {}  # seq_id -> [H] pre-norm hidden that predicted the root
-
-    # -- state --------------------------------------------------------------------------------
-    def add(self, seq, hidden=None, aux_hidden=None) -> None:
-        if hidden is not None and hidden.shape[0] > 0:
-            self._hidden[seq.seq_id] = hidden[-1]
-        else:
-            self._hidden.pop(seq.seq_id, None)
-
-    def release(self, seq_id: int) -> None:
-        self._hidden.pop(seq_id, None)
-
-    def commit(self, seqs, results) -> None:
-        for s, r in zip(seqs, results):
-            if r.hidden is not None and r.hidden.shape[0] > 0:
-                self._hidden[s.seq_id] = r.hidden[-1]
-            else:
-                self._hidden.pop(s.seq_id, None)
 
     # -- drafting -----------------------------------------------------------------------------
     @torch.no_grad()
