@@ -34,7 +34,9 @@ from typing import Optional
 
 import torch
 
+from . import ops
 from .kv_cache import PagedKVCache, build_metadata
+from .models import llama
 from .policy import PLAIN, Budget, CostTable
 from .tree import DraftTree, batch_trees
 
@@ -44,7 +46,7 @@ _NODE_COARSE = (1, 2, 4, 8, 16, 32, 64)
 _NODE_FINE = (3, 5, 6, 10, 12, 24, 48)
 _PREFIX = 128
 _ROW_CAP = 512
-_VERSION = 2  # 2: row-major grid order, median of 3
+_VERSION = 3  # 2: row-major grid order, median of 3; 3: CPU GEMM (ops.linear)
 
 
 def cache_dir() -> Path:
@@ -95,6 +97,9 @@ def cost_key(engine) -> dict:
         "device": device_name(dev), "device_type": dev.type,
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "torch": torch.__version__,
+        # The CPU GEMM path (specrt.ops.linear) and its row limit change every verify cost.
+        "cpu_linear": ([ops.linear_isa(engine.dtype), llama.CPU_LINEAR_MAX_ROWS]
+                       if dev.type == "cpu" else None),
         "model": model_fingerprint(engine.model),
         "dtype": str(engine.dtype).replace("torch.", ""),
         "page_size": engine.cache.page_size,

@@ -32,6 +32,10 @@ __all__ = [
     "VerifyOutput",
     "plan_tree_attention",
     "strict_checks",
+    "linear",
+    "linear_isa",
+    "pack_linear",
+    "PackedLinear",
 ]
 
 #: Check index values in the wrapper too (costs a host read, a device sync on CUDA). Set
@@ -240,6 +244,87 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping, *, validate: bool = True) ->
         _need(bool(((s >= -1) & (s < num_pages * page_size)).all()),
               f"slot_mapping values must be -1 or in [0, {num_pages * page_size})")
     _op("append_kv")(k, v, k_cache, v_cache, slot_mapping)
+
+
+_LINEAR_ISA: dict = {}
+
+
+def linear_isa(dtype: torch.dtype) -> str:
+    """The instruction set :func:`linear` runs with for ``dtype`` on this CPU ("avx512",
+    "avx512_bf16"), or "" when it cannot run here (no AVX-512, or not fp32 / bf16)."""
+    if dtype not in _LINEAR_ISA:
+        name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype)
+        _LINEAR_ISA[dtype] = load_extension().linear_isa(name) if name else ""
+    return _LINEAR_ISA[dtype]
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """A weight ``[n, k]`` in the layout :func:`linear` streams fastest (tiles of 4 rows
+    interleaved by 64-byte steps, zero padded; csrc/cpu/linear.h). Made by :func:`pack_linear`
+    for this CPU; a copy: later changes to the source weight do not reach it."""
+
+    data: torch.Tensor  # 1-D, the weight's dtype
+    n: int
+    k: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+
+def pack_linear(weight) -> PackedLinear:
+    """Pack ``weight [n, k]`` (fp32 / bf16, CPU) for :func:`linear`."""
+    _check_tensor("weight", weight, (torch.float32, torch.bfloat16), 2, torch.device("cpu"))
+    _need(bool(linear_isa(weight.dtype)), "ops.pack_linear needs AVX-512 on this CPU")
+    n, k = weight.shape
+    name = "float32" if weight.dtype == torch.float32 else "bfloat16"
+    data = weight.new_empty(load_extension().linear_packed_size(name, n, k))
+    _op("linear_pack")(weight if weight.stride(-1) == 1 else weight.contiguous(), data)
+    return PackedLinear(data, n, k)
+
+
+def linear(x, weight, bias=None, *, out=None, validate: bool = True):
+    """``x @ weight.T + bias`` on the CPU, for the few rows of a decode or verify step.
+
+    Reads ``weight`` once per call; each output element is one fixed-order dot product, so a
+    row's result does not depend on the other rows, on the thread count or on whether the
+    weight is packed (docs/cpu_linear.md). Use it where :func:`linear_isa` is non-empty; it
+    raises otherwise.
+
+    Parameters
+    ----------
+    x : [m, k], float32 or bfloat16, CPU, unit last stride
+    weight : [n, k] of x's dtype (unit last stride), or a :class:`PackedLinear`
+    bias : [n], optional
+    out : [m, n], optional (allocated when omitted)
+    validate : bool
+        False skips the Python-side checks (the op still checks devices, dtypes and shapes).
+    """
+    packed = isinstance(weight, PackedLinear)
+    n = weight.n if packed else weight.shape[0]
+    w = weight.data if packed else weight
+    if not validate:
+        if out is None:
+            out = x.new_empty(x.shape[0], n)
+        _op("linear")(x, w, bias, out, packed)
+        return out
+    _check_tensor("x", x, (torch.float32, torch.bfloat16), 2, torch.device("cpu"))
+    if packed:
+        _need(w.dtype == x.dtype, f"packed weight is {w.dtype}, x is {x.dtype}")
+        _need(weight.k == x.shape[1], f"packed weight is [{n}, {weight.k}] for x of "
+                                      f"{x.shape[1]} columns")
+    else:
+        _check_tensor("weight", w, x.dtype, 2, x.device)
+        _need(w.shape[1] == x.shape[1], f"weight is {tuple(w.shape)} for x of {x.shape[1]} columns")
+    if bias is not None:
+        _check_tensor("bias", bias, x.dtype, 1, x.device)
+        _need(bias.shape[0] == n, f"bias has {bias.shape[0]} entries for {n} weight rows")
+    _need(bool(linear_isa(x.dtype)), "ops.linear needs AVX-512 on this CPU (linear_isa is empty)")
+    if out is None:
+        out = x.new_empty(x.shape[0], n)
+    _op("linear")(x, w, bias, out, packed)
+    return out
 
 
 def kv_rollback(kv_cache, block_table, committed_lens, path, num_accepted, *,

@@ -24,6 +24,9 @@ TORCH_LIBRARY(specrt, m) {
   m.def(
       "kv_rollback(Tensor(a!) kv_cache, Tensor block_table, Tensor(b!) committed_lens, "
       "Tensor path, Tensor num_accepted) -> ()");
+  // ---- skinny GEMM of decode / verify steps (CPU only; other devices use their BLAS) ----
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool packed=False) -> ()");
+  m.def("linear_pack(Tensor weight, Tensor(a!) packed) -> ()");
   // ---- sampling / verification ----
   m.def(
       "rejection_sample(Tensor target_logits, Tensor draft_tokens, Tensor parents, "
@@ -41,6 +44,8 @@ TORCH_LIBRARY_IMPL(specrt, CPU, m) {
   m.impl("kv_rollback", &specrt::kv_rollback_cpu);
   m.impl("rejection_sample", &specrt::rejection_sample_cpu);
   m.impl("sample", &specrt::sample_cpu);
+  m.impl("linear", &specrt::linear_cpu);
+  m.impl("linear_pack", &specrt::linear_pack_cpu);
 }
 
 #ifdef SPECRT_WITH_CUDA
@@ -56,6 +61,16 @@ TORCH_LIBRARY_IMPL(specrt, CUDA, m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "specrt native extension: ops are registered as torch.ops.specrt.*";
   m.attr("ABI_TAG") = SPECRT_BUILD_ABI_TAG;
+  m.def("linear_isa", [](const std::string& dtype) {
+    if (dtype == "float32") return specrt::linear_isa_cpu(at::kFloat);
+    if (dtype == "bfloat16") return specrt::linear_isa_cpu(at::kBFloat16);
+    return std::string();
+  }, "Instruction set of the CPU skinny GEMM for a dtype ('' when it cannot run here).");
+  m.def("linear_packed_size", [](const std::string& dtype, int64_t n, int64_t k) -> int64_t {
+    if (dtype == "float32") return specrt::linear_packed_size_cpu(at::kFloat, n, k);
+    if (dtype == "bfloat16") return specrt::linear_packed_size_cpu(at::kBFloat16, n, k);
+    return 0;
+  }, "Elements of the packed layout of an [n, k] weight (0 when the kernel cannot run here).");
 #ifdef SPECRT_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -3,6 +3,7 @@
 // calls a torch-free kernel (csrc/cpu for CPU, the C API in csrc/include/specrt for CUDA).
 #pragma once
 #include <optional>
+#include <string>
 
 #include <ATen/core/Tensor.h>
 
@@ -21,6 +22,13 @@ void append_kv_cpu(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_
                    const Tensor& slot_mapping);
 void kv_rollback_cpu(Tensor& kv_cache, const Tensor& block_table, Tensor& committed_lens,
                      const Tensor& path, const Tensor& num_accepted);
+
+// ---- skinny GEMM for decode / verify steps (linear_cpu.cpp; CPU only) ----
+void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Tensor& out,
+                bool packed);
+void linear_pack_cpu(const Tensor& weight, Tensor& packed);
+std::string linear_isa_cpu(at::ScalarType dtype);
+int64_t linear_packed_size_cpu(at::ScalarType dtype, int64_t n, int64_t k);
 
 // ---- sampling (sampling_*.cpp) ----
 void rejection_sample_cpu(const Tensor& target_logits, const Tensor& draft_tokens,

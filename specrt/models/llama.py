@@ -11,6 +11,8 @@ compare logits at fp32 round-off.
 """
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Union
 
@@ -24,17 +26,43 @@ from .config import ModelConfig
 
 
 
+#: Most rows a CPU GEMM sends to ``ops.linear`` (the decode / verify shapes); larger ones
+#: (prompts) go to torch's GEMM. ``$SPECRT_CPU_LINEAR_ROWS`` overrides; 0 turns it off.
+CPU_LINEAR_MAX_ROWS = int(os.environ.get("SPECRT_CPU_LINEAR_ROWS", "64"))
+
+# weight id -> (weakref to the weight, its version counter, data pointer, PackedLinear)
+_PACKED: dict = {}
+
+
+def _packed(weight) -> "ops.PackedLinear":
+    """The packed copy of ``weight`` for ``ops.linear``, made on first use and remade when the
+    weight changes in place (its version counter moves) or is replaced. Costs one more copy of
+    each projection weight in memory (the price of streaming it at full bandwidth)."""
+    key = id(weight)
+    hit = _PACKED.get(key)
+    if (hit is not None and hit[0]() is weight and hit[1] == weight._version
+            and hit[2] == weight.data_ptr()):
+        return hit[3]
+    packed = ops.pack_linear(weight)
+    ref = weakref.ref(weight, lambda _r, key=key: _PACKED.pop(key, None))
+    _PACKED[key] = (ref, weight._version, weight.data_ptr(), packed)
+    return packed
+
+
 def _linear(x, weight, bias=None):
-    """``F.linear``; on the CPU in fp32, 2 or 3 rows go through the 4-row GEMM (zero rows
-    added, then dropped): torch's CPU fp32 kernel for 2-3 rows costs 2-3x its 4-row one (e.g.
-    the SmolLM2 LM head: 13 ms for 1 row, 29 ms for 2, 42 ms for 3, 19 ms for 4 on 2 cores),
-    and verify steps of small trees are exactly those shapes. Each row's result does not depend
-    on the other rows."""
-    m = x.shape[0] if x.dim() == 2 else 0
-    if m in (2, 3) and x.dtype == torch.float32 and x.device.type == "cpu":
-        pad = torch.cat([x, x.new_zeros(4 - m, x.shape[1])])
-        return F.linear(pad, weight, bias)[:m]
+    """``F.linear``; on the CPU, the few rows of a decode or verify step go through
+    ``specrt.ops.linear`` on a packed copy of the weight (fp32 / bf16 with AVX-512): it streams
+    the weight at up to twice the bandwidth of torch's GEMM at these shapes, and each row's
+    result is independent of the other rows, so a token verified inside a draft tree gets the
+    logits it would get decoded alone (docs/cpu_linear.md). Autograd inputs stay on
+    ``F.linear``."""
+    if (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= CPU_LINEAR_MAX_ROWS
+            and x.dtype == weight.dtype and ops.linear_isa(x.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return ops.linear(x if x.stride(-1) == 1 else x.contiguous(), _packed(weight), bias,
+                          validate=False)
     return F.linear(x, weight, bias)
+
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors, or an

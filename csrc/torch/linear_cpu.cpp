@@ -1,0 +1,113 @@
+// CPU glue for the skinny GEMM (csrc/cpu/linear.h): check, cast, split the output columns
+// among torch's intra-op threads (at::parallel_for), call the torch-free kernel.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "cpu/linear.h"
+#include "torch/ops.h"
+
+namespace specrt {
+namespace {
+
+cpu::DType linear_dtype(const Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return cpu::DType::kFloat32;
+  if (t.scalar_type() == at::kBFloat16) return cpu::DType::kBFloat16;
+  TORCH_CHECK(false, "linear: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+void check_matrix(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "linear: ", name, " must be a CPU tensor, got one on ",
+              t.device());
+  TORCH_CHECK(t.dim() == 2, "linear: ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "linear: ", name,
+              " needs a unit last stride (strides ", t.strides(), ")");
+}
+
+}  // namespace
+
+std::string linear_isa_cpu(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return cpu::linear_isa(cpu::DType::kFloat32);
+  if (dtype == at::kBFloat16) return cpu::linear_isa(cpu::DType::kBFloat16);
+  return "";
+}
+
+int64_t linear_packed_size_cpu(at::ScalarType dtype, int64_t n, int64_t k) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return 0;
+  return cpu::linear_packed_size(
+      dtype == at::kFloat ? cpu::DType::kFloat32 : cpu::DType::kBFloat16, n, k);
+}
+
+void linear_pack_cpu(const Tensor& weight, Tensor& packed) {
+  check_matrix(weight, "weight");
+  const cpu::DType dtype = linear_dtype(weight, "weight");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t size = cpu::linear_packed_size(dtype, n, k);
+  TORCH_CHECK(size > 0 || n * k == 0, "linear_pack: this CPU lacks AVX-512");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == weight.scalar_type() &&
+                  packed.dim() == 1 && packed.numel() == size && packed.is_contiguous(),
+              "linear_pack: packed must be a contiguous 1-D CPU tensor of the weight's dtype ",
+              "with ", size, " elements, got ", packed.sizes(), " ", packed.scalar_type());
+  if (size == 0) return;
+  cpu::linear_pack(dtype, weight.data_ptr(), n > 1 ? weight.stride(0) : k, n, k,
+                   packed.data_ptr());
+}
+
+void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Tensor& out,
+                bool packed) {
+  check_matrix(x, "x");
+  check_matrix(out, "out");
+  const cpu::DType dtype = linear_dtype(x, "x");
+  TORCH_CHECK(weight.device().is_cpu(), "linear: weight must be a CPU tensor, got one on ",
+              weight.device());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "linear: x, weight and out must share one dtype, got ", x.scalar_type(), ", ",
+              weight.scalar_type(), ", ", out.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
+  TORCH_CHECK(out.size(0) == m, "linear: out has ", out.size(0), " rows for ", m, " rows of x");
+  cpu::LinearParams p;
+  if (packed) {
+    const int64_t size = cpu::linear_packed_size(dtype, n, k);
+    TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.numel() == size,
+                "linear: a packed weight for [", n, ", ", k, "] is a contiguous 1-D tensor of ",
+                size, " elements, got ", weight.sizes());
+    p.w_stride = 0;
+  } else {
+    check_matrix(weight, "weight");
+    TORCH_CHECK(weight.size(1) == k, "linear: weight is ", weight.sizes(), " for x of ", k,
+                " columns");
+    TORCH_CHECK(weight.size(0) == n, "linear: out must be [", m, ", ", weight.size(0),
+                "], got ", out.sizes());
+    p.w_stride = weight.size(0) > 1 ? weight.stride(0) : k;
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == x.scalar_type(),
+                "linear: bias must be a CPU tensor of x's dtype");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear: bias must be [", n, "], got ",
+                bias->sizes());
+    TORCH_CHECK(n <= 1 || bias->stride(0) == 1, "linear: bias must be contiguous");
+    p.bias = bias->data_ptr();
+  }
+  p.dtype = dtype;
+  p.packed = packed;
+  p.x = x.data_ptr();
+  p.x_stride = x.size(0) > 1 ? x.stride(0) : k;
+  p.w = weight.data_ptr();
+  p.y = out.data_ptr();
+  p.y_stride = out.size(0) > 1 ? out.stride(0) : n;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  const std::string err = cpu::validate_linear(p);
+  TORCH_CHECK(err.empty(), "linear: ", err);
+  // Tiles of 4 columns; a thread gets at least 16 tiles (one 64-column block) so tiny layers
+  // are not split into slivers. The result does not depend on the split (linear.h).
+  const int64_t tiles = (n + 3) / 4;
+  at::parallel_for(0, tiles, 16, [&](int64_t b, int64_t e) {
+    cpu::linear_columns(p, b * 4, std::min(n, e * 4));
+  });
+}
+
+}  // namespace specrt
