@@ -153,3 +153,31 @@ def test_autograd_inputs_use_torch():
     y = llama._linear(x, w)
     y.sum().backward()
     assert w.grad is not None and torch.allclose(w.grad, x.sum(0).expand(6, 8))
+
+
+def test_packed_copy_follows_weight_changes():
+    """The model's packed copy is remade when the weight changes in place (a checkpoint load,
+    an optimizer step) and dropped with the weight."""
+    w = torch.randn(10, 24)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        first = llama._linear(x, w)
+        assert torch.allclose(first, x @ w.T, rtol=1e-5, atol=1e-5)
+        w.mul_(2)
+        assert torch.allclose(llama._linear(x, w), 2 * first, rtol=1e-5, atol=1e-5)
+        w.copy_(torch.randn(10, 24))
+        assert torch.allclose(llama._linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    key = id(w)
+    assert key in llama._PACKED
+    del w
+    assert key not in llama._PACKED
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_equals_plain_bitwise(dtype):
+    g = torch.Generator().manual_seed(5)
+    for m, n, k in SHAPES:
+        x = torch.randn(m, k, generator=g).to(dtype)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        assert torch.equal(ops.linear(x, ops.pack_linear(w), b), ops.linear(x, w, b)), (m, n, k)

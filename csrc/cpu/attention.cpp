@@ -81,9 +81,69 @@ template <> inline BFloat16 from_float<BFloat16>(float v) { return BFloat16{floa
 
 constexpr int64_t kChunk = 64;  // keys converted to fp32 at a time (K+V chunk fits in L1/L2)
 
+// The vector math of one query row against one chunk of keys, compiled for AVX-512, AVX2 and
+// the baseline (picked at load time by the CPU's features). Every row is computed the same way
+// whatever the other rows are, so a row's output does not depend on the batch.
+
+// exp(x) for x <= 0 (x < -87, including -inf, gives 0): Cody-Waite reduction by ln 2 and a
+// degree-6 polynomial, relative error ~2 ulp; written so the compiler vectorizes it.
+inline float exp_nonpos(float x) {
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float n = (x * 1.44269504088896341f + shifter) - shifter;
+  n = std::max(n, -127.0f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  const float poly =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-01f + r * (4.16666679e-02f +
+                                                                 r * (8.33333377e-03f +
+                                                                      r * 1.38888892e-03f)))));
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : poly * scale;
+}
+
+// sc[j] = q . k_j for j < n, keys transposed: kt[e * kChunk + j].
+__attribute__((target_clones("avx512f", "avx2", "default"))) void chunk_scores(
+    const float* q, const float* kt, int64_t d, int64_t n, float* sc) {
+  for (int64_t j = 0; j < n; ++j) sc[j] = 0.f;
+  for (int64_t e = 0; e < d; ++e) {
+    const float qe = q[e];
+    const float* col = kt + e * kChunk;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) sc[j] += qe * col[j];
+  }
+}
+
+// sc[j] <- exp(sc[j] - m) (masked scores are -inf and give 0); returns their sum.
+__attribute__((target_clones("avx512f", "avx2", "default"))) float chunk_exp(float* sc,
+                                                                            int64_t n, float m) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float w = exp_nonpos(sc[j] - m);
+    sc[j] = w;
+    sum += w;
+  }
+  return sum;
+}
+
+// acc = acc * alpha + sum_j w[j] * v_j (v row-major [n, d]).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void chunk_accumulate(
+    float* acc, const float* w, const float* v, int64_t n, int64_t d, float alpha) {
+#pragma omp simd
+  for (int64_t e = 0; e < d; ++e) acc[e] *= alpha;
+  for (int64_t j = 0; j < n; ++j) {
+    const float wj = w[j];
+    if (wj == 0.f) continue;
+    const float* vr = v + j * d;
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) acc[e] += wj * vr[e];
+  }
+}
+
 // Scratch reused across work items of one thread.
 struct Scratch {
-  std::vector<float> q, acc, m, l, k, v, s;
+  std::vector<float> q, acc, m, l, kt, v, s;
 };
 
 inline bool key_visible(const TreeAttentionParams& p, int64_t pos, int64_t prefix, int64_t row,
@@ -111,17 +171,19 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const int32_t* pages = p.block_table + b * p.block_table_stride;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   s.q.assign(rows * d, 0.f);
   s.acc.assign(rows * d, 0.f);
-  s.m.assign(rows, -std::numeric_limits<float>::infinity());
+  s.m.assign(rows, kNegInf);
   s.l.assign(rows, 0.f);
-  s.k.resize(kChunk * d);
+  s.kt.resize(kChunk * d);
   s.v.resize(kChunk * d);
   s.s.resize(kChunk);
+  // The softmax scale is folded into q (one multiply per element instead of one per score).
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = q + (q0 + r / group) * p.q_stride_n + (kvh * group + r % group) * p.q_stride_h;
-    for (int64_t e = 0; e < d; ++e) s.q[r * d + e] = to_float(src[e]);
+    for (int64_t e = 0; e < d; ++e) s.q[r * d + e] = to_float(src[e]) * p.sm_scale;
   }
 
   for (int64_t c0 = 0; c0 < kv_len; c0 += kChunk) {
@@ -133,41 +195,25 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
       const T* ks = kc + page * p.k_stride_page + off * p.k_stride_slot + kvh * p.k_stride_head;
       const T* vs = vc + page * p.v_stride_page + off * p.v_stride_slot + kvh * p.v_stride_head;
       for (int64_t e = 0; e < d; ++e) {
-        s.k[j * d + e] = to_float(ks[e]);
+        s.kt[e * kChunk + j] = to_float(ks[e]);
         s.v[j * d + e] = to_float(vs[e]);
       }
     }
+    const bool all_visible = c0 + n <= prefix;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t local_i = r / group;
-      const float* qr = s.q.data() + r * d;
-      float cmax = -std::numeric_limits<float>::infinity();
+      float* sc = s.s.data();
+      chunk_scores(s.q.data() + r * d, s.kt.data(), d, n, sc);
+      float cmax = kNegInf;
       for (int64_t j = 0; j < n; ++j) {
-        float sc = -std::numeric_limits<float>::infinity();
-        if (key_visible(p, c0 + j, prefix, q0 + local_i, local_i)) {
-          const float* kr = s.k.data() + j * d;
-          float dot = 0.f;
-          // NOTE: the simd reduction lets the compiler vectorize the dot product (it may
-          // reassociate the sum); without it GCC keeps this loop scalar.
-#pragma omp simd reduction(+ : dot)
-          for (int64_t e = 0; e < d; ++e) dot += qr[e] * kr[e];
-          sc = dot * p.sm_scale;
-        }
-        s.s[j] = sc;
-        cmax = std::max(cmax, sc);
+        if (!all_visible && !key_visible(p, c0 + j, prefix, q0 + local_i, local_i)) sc[j] = kNegInf;
+        cmax = std::max(cmax, sc[j]);
       }
-      if (cmax == -std::numeric_limits<float>::infinity()) continue;  // nothing new visible
+      if (cmax == kNegInf) continue;  // nothing new visible
       const float m_new = std::max(s.m[r], cmax);
-      const float alpha = std::exp(s.m[r] - m_new);  // exp(-inf) = 0 on the first chunk
-      float* acc = s.acc.data() + r * d;
-      float sum = 0.f;
-      for (int64_t e = 0; e < d; ++e) acc[e] *= alpha;
-      for (int64_t j = 0; j < n; ++j) {
-        if (s.s[j] == -std::numeric_limits<float>::infinity()) continue;
-        const float w = std::exp(s.s[j] - m_new);
-        sum += w;
-        const float* vr = s.v.data() + j * d;
-        for (int64_t e = 0; e < d; ++e) acc[e] += w * vr[e];
-      }
+      const float alpha = s.m[r] == kNegInf ? 0.f : exp_nonpos(s.m[r] - m_new);
+      const float sum = chunk_exp(sc, n, m_new);
+      chunk_accumulate(s.acc.data() + r * d, sc, s.v.data(), n, d, alpha);
       s.l[r] = s.l[r] * alpha + sum;
       s.m[r] = m_new;
     }
@@ -183,9 +229,16 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
     for (int64_t e = 0; e < d; ++e) dst[e] = from_float<T>(s.acc[r * d + e] * inv);
     if (p.lse != nullptr) {
       p.lse[n * p.lse_stride_n + h * p.lse_stride_h] =
-          seen ? s.m[r] + std::log(s.l[r]) : -std::numeric_limits<float>::infinity();
+          seen ? s.m[r] + std::log(s.l[r]) : kNegInf;
     }
   }
+}
+
+template <typename T>
+void run_items(const TreeAttentionParams& p, int64_t begin, int64_t end) {
+  Scratch s;
+  for (int64_t it = begin; it < end; ++it)
+    attend_group<T>(p, it / p.num_kv_heads, it % p.num_kv_heads, s);
 }
 
 template <typename T>
@@ -261,6 +314,18 @@ std::string validate_tree_attention(const TreeAttentionParams& p) {
            " does not match the number of query rows " + std::to_string(p.total_q);
   }
   return {};
+}
+
+int64_t tree_attention_items(const TreeAttentionParams& p) {
+  return p.batch * p.num_kv_heads;
+}
+
+void tree_attention_run(const TreeAttentionParams& p, int64_t begin, int64_t end) {
+  switch (p.dtype) {
+    case DType::kFloat32: run_items<float>(p, begin, end); break;
+    case DType::kFloat16: run_items<Half>(p, begin, end); break;
+    case DType::kBFloat16: run_items<BFloat16>(p, begin, end); break;
+  }
 }
 
 std::string tree_attention(const TreeAttentionParams& p) {

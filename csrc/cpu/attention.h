@@ -46,8 +46,14 @@ struct TreeAttentionParams {
 // counts). Returns an empty string when the input is valid, else a message saying what is wrong.
 std::string validate_tree_attention(const TreeAttentionParams& p);
 
-// Validates, then computes. Returns "" on success; on error returns the message and has
-// written nothing to out / lse.
+// Validates, then computes (on its own threads when the work is large). Returns "" on success;
+// on error returns the message and has written nothing to out / lse.
 std::string tree_attention(const TreeAttentionParams& p);
+
+// For callers with their own thread pool: the work splits into tree_attention_items(p)
+// independent items (one per sequence and kv head); tree_attention_run computes items
+// [begin, end) without validating (validate once first). Any split gives the same output.
+int64_t tree_attention_items(const TreeAttentionParams& p);
+void tree_attention_run(const TreeAttentionParams& p, int64_t begin, int64_t end);
 
 }  // namespace specrt::cpu

@@ -1,4 +1,5 @@
 // CPU glue for the attention ops: check, cast, call the torch-free kernel in csrc/cpu.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/attention.h"
@@ -125,8 +126,12 @@ void tree_attention_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   p.max_pages = block_table.size(1);
   p.sm_scale = static_cast<float>(sm_scale);
 
-  const std::string err = cpu::tree_attention(p);
+  const std::string err = cpu::validate_tree_attention(p);
   TORCH_CHECK(err.empty(), "tree_attention: ", err);
+  // One item per (sequence, kv head) on torch's intra-op threads (the kernel's own threads
+  // would be started per call, ~30 layers x each step).
+  at::parallel_for(0, cpu::tree_attention_items(p), 1,
+                   [&](int64_t b, int64_t e) { cpu::tree_attention_run(p, b, e); });
 }
 
 }  // namespace specrt
