@@ -181,6 +181,10 @@ void run_columns(const LinearParams& p, int64_t n0, int64_t n1, const TileSet<T>
   const int C = (p.packed || p.m > 2) ? 4 : 1;
   const int kind = p.packed ? 2 : C == 4 ? 1 : 0;
   const int64_t tile_elems = 4 * round_up(p.k, tiles.step);  // packed
+  // Row groups of near-equal size (8 rows: 4 + 4, not 6 + 2: a short group does few FMAs per
+  // weight load and per lane reduction; measured 20-40% more FMAs/s at 7-8 rows).
+  const int64_t groups = (p.m + kRows - 1) / kRows;
+  auto group_rows = [&](int64_t g) { return int(p.m / groups + (g < p.m % groups ? 1 : 0)); };
   float out[kRows][4];
   for (int64_t c0 = n0; c0 < n1; c0 += C) {
     const int nc = int(std::min<int64_t>(C, n1 - c0));
@@ -191,8 +195,8 @@ void run_columns(const LinearParams& p, int64_t n0, int64_t n1, const TileSet<T>
       // Missing columns of a last partial tile re-read a valid row; their results are dropped.
       for (int c = 0; c < C; ++c) wr[c] = w + (c0 + std::min(c, nc - 1)) * p.w_stride;
     }
-    for (int64_t r0 = 0; r0 < p.m; r0 += kRows) {
-      const int nr = int(std::min<int64_t>(kRows, p.m - r0));
+    for (int64_t g = 0, r0 = 0; g < groups; r0 += group_rows(g), ++g) {
+      const int nr = group_rows(g);
       const T* xr[kRows];
       for (int r = 0; r < nr; ++r) xr[r] = x + (r0 + r) * p.x_stride;
       tiles.t[kind][nr - 1](xr, wr, p.k, p.w_stride, out);
