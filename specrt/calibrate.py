@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from ._ext import load_extension
 from .kv_cache import PagedKVCache, build_metadata
 from .models import llama
 from .policy import PLAIN, Budget, CostTable
@@ -46,7 +47,7 @@ _NODE_COARSE = (1, 2, 4, 8, 16, 32, 64)
 _NODE_FINE = (3, 5, 6, 10, 12, 24, 48)
 _PREFIX = 128
 _ROW_CAP = 512
-_VERSION = 3  # 2: row-major grid order, median of 3; 3: CPU GEMM (ops.linear)
+_VERSION = 4  # 2: row-major grid; 3: CPU GEMM (ops.linear); 4: interleaved passes, isotonic
 
 
 def cache_dir() -> Path:
@@ -97,7 +98,9 @@ def cost_key(engine) -> dict:
         "device": device_name(dev), "device_type": dev.type,
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "torch": torch.__version__,
-        # The CPU GEMM path (specrt.ops.linear) and its row limit change every verify cost.
+        # The native kernels (any rebuild), the CPU GEMM path and its row limit change every
+        # verify cost.
+        "native": _native_hash(),
         "cpu_linear": ([ops.linear_isa(engine.dtype), llama.CPU_LINEAR_MAX_ROWS]
                        if dev.type == "cpu" else None),
         "model": model_fingerprint(engine.model),
@@ -108,6 +111,21 @@ def cost_key(engine) -> dict:
         "max_draft": engine.max_draft,
         "proposer": _proposer_signature(engine.proposer),
     }
+
+
+_NATIVE_HASH: list = []
+
+
+def _native_hash() -> str:
+    """Hash of the loaded extension binary (specrt._C): a rebuilt kernel invalidates every
+    cost table measured with the old one."""
+    if not _NATIVE_HASH:
+        try:
+            _NATIVE_HASH.append(hashlib.sha1(Path(load_extension().__file__).read_bytes())
+                                .hexdigest()[:16])
+        except (OSError, AttributeError, TypeError):
+            _NATIVE_HASH.append("unknown")
+    return _NATIVE_HASH[0]
 
 
 def _key_hash(key: dict) -> str:
@@ -153,11 +171,30 @@ def _batch_grid(max_batch: int) -> list:
     return g
 
 
+def _isotonic(ys: list) -> list:
+    """The non-decreasing sequence closest to ``ys`` in least squares (pool adjacent
+    violators): a verify step never gets cheaper with more rows, whatever a noisy timing says."""
+    blocks: list = []  # [mean, count]
+    for y in ys:
+        blocks.append([y, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, c2 = blocks.pop()
+            m1, c1 = blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    out: list = []
+    for m, c in blocks:
+        out += [m] * c
+    return out
+
+
 @torch.no_grad()
 def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
                  reps: int = 3) -> dict:
-    """``{(B, n): seconds}``: median of ``reps`` forwards after one untimed forward of the
-    same shape (a new GEMM shape's first call pays for its setup), coarse grid first."""
+    """``{(B, n): seconds}``: the median of up to ``reps`` timings per shape, taken in
+    interleaved passes over the grid (a slow spell of a shared machine then touches every
+    shape alike instead of a few), after one untimed forward per shape (a new GEMM shape's
+    first call pays for its setup); then made non-decreasing in the row count per batch size.
+    The first pass always covers a coarse grid; later passes run while time remains."""
     cfg = model.config
     max_b, max_n = max(batch_sizes), max(node_sizes)
     page = 16
@@ -168,7 +205,7 @@ def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
         cache.add_sequence(s)
         cache.reserve(s, _PREFIX + max_n)
         cache.commit(s, _PREFIX)
-    out: dict = {}
+    times: dict = {}
 
     def run(B, n):
         tree = DraftTree([1] * n, [-1] + [(i - 1) // 2 for i in range(1, n)])
@@ -189,14 +226,24 @@ def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
     for grid in (coarse, fine):
         for n in grid:
             for B in batch_sizes:
-                if (B, n) in out or n not in node_sizes:
+                if (B, n) in times or n not in node_sizes:
                     continue
                 if B * n > _ROW_CAP and n != 1:
                     continue
-                if time.perf_counter() > deadline and sum(k[0] == B for k in out) >= 3:
+                if time.perf_counter() > deadline and sum(k[0] == B for k in times) >= 3:
                     continue
                 run(B, n)
-                out[(B, n)] = statistics.median(run(B, n) for _ in range(reps))
+                times[(B, n)] = [run(B, n)]
+    for _ in range(reps - 1):
+        if time.perf_counter() > deadline:
+            break
+        for shape in times:
+            times[shape].append(run(*shape))
+    out: dict = {}
+    for B in batch_sizes:
+        ns = sorted(n for b, n in times if b == B)
+        for n, t in zip(ns, _isotonic([statistics.median(times[(B, n)]) for n in ns])):
+            out[(B, n)] = t
     return out
 
 
