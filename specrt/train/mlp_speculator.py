@@ -512,7 +512,7 @@ def run_config(cfg: MLPSpecConfig, model=None, tokenizer=None, model_path=None) 
     """The whole pipeline; returns the summary (also written to ``cfg.out``)."""
     from .hidden import compute_hidden_cache, default_cache_dir, model_fingerprint
     from .medusa import build_token_map
-    from .trainer import _load_target, evaluate, train_on_rows
+    from .trainer import _load_target, heldout_summary, train_on_rows
 
     t_start = time.perf_counter()
     device = dist.init(cfg.device)
@@ -610,13 +610,8 @@ def run_config(cfg: MLPSpecConfig, model=None, tokenizer=None, model_path=None) 
     if module is None:
         return {"stopped_at": cfg.stop_after, "history": history}
 
-    results = {k: method.summarize(evaluate(method, module, c, max(1, cfg.batch_size), device))
-               for k, c in held.items()}
-    for k, r in results.items():
-        _log(f"[train] held-out {k}: top1 {r['top1']} chain {r['chain']} expected accepted "
-             f"{r['expected_accepted']} ({r['targets'][0]} targets)")
-    summary = {"heldout": results, "final_loss": history[-1] if history else None,
-               "elapsed_s": round(time.perf_counter() - t_start, 1)}
+    results, summary = heldout_summary(method, module, held, cfg.batch_size, device, history,
+                                       t_start)
     if dist.rank() == 0:
         n = cfg.n_predict
         topk = cfg.top_k_tokens_per_head or [max(1, 4 - i) for i in range(n)]

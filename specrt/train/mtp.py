@@ -43,7 +43,7 @@ from torch import nn
 from ..proposers.mtp import MTPConfig, MTPModules, save_mtp_modules
 from . import dist
 from .base import Method
-from .data import DataError, PAD, pad_rows, split_of, tokenize_chunks
+from .data import DataError
 from .eagle import ttt_attention
 from .trainer import TrainConfig
 
@@ -326,8 +326,8 @@ def run_config(cfg: MTPTrainConfig, model=None, tokenizer=None,
     in the MiMo layout + card); returns the summary."""
     from .hidden import compute_hidden_cache, default_cache_dir, model_fingerprint
     from .medusa import build_token_map
-    from .trainer import (_coverage, _data_lines, _distill_prompts, _load_target,
-                          _reproduce_lines, evaluate, train_on_rows)
+    from .trainer import (_coverage, _data_lines, _load_target, _reproduce_lines,
+                          check_stages, heldout_summary, load_stage_data, train_on_rows)
 
     t_start = time.perf_counter()
     device = dist.init(cfg.device)
@@ -337,51 +337,14 @@ def run_config(cfg: MTPTrainConfig, model=None, tokenizer=None,
     if cfg.seq_len < cfg.mtp_depth + 2:
         raise ValueError(f"--seq-len {cfg.seq_len} is too small for {cfg.mtp_depth} modules "
                          f"(need >= {cfg.mtp_depth + 2})")
-    if cfg.steps < 0 or cfg.stage2_steps < 0 or cfg.steps + cfg.stage2_steps < 1:
-        raise ValueError("need --steps + --stage2-steps >= 1 (and neither negative)")
-    if cfg.stage2_steps > 0 and not cfg.self_distill:
-        raise ValueError("--stage2-steps trains on self-distilled data: give --self-distill")
-    if cfg.self_distill and cfg.stage2_steps == 0:
-        raise ValueError("--self-distill data is used in stage 2: give --stage2-steps > 0")
-    if cfg.batch_size < dist.world_size():
-        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of "
-                         f"processes ({dist.world_size()})")
+    check_stages(cfg)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if model is None:
         model, tokenizer, model_path = _load_target(cfg, device)
     fingerprint = model_fingerprint(model, model_path)
-    eos = (tokenizer.eos_token_ids[0] if getattr(tokenizer, "eos_token_ids", None) else None)
     _log(f"[train] mtp: target {model_path or 'in-memory'}; device {device}; "
          f"{cfg.mtp_depth} modules; labels {cfg.mtp_labels}; lambda {lambdas}")
-    stage_rows, heldout = [None, None], {}
-    if cfg.steps > 0:
-        stage_rows[0] = tokenize_chunks(tokenizer, cfg.data, cfg.seq_len, "train",
-                                        cfg.max_tokens, cfg.heldout_pct, eos)
-        _log(f"[train] stage 1 data: {stage_rows[0].shape[0]} rows x {cfg.seq_len} "
-             f"({int((stage_rows[0] != PAD).sum())} tokens) from {cfg.data}")
-        try:
-            heldout["corpus"] = tokenize_chunks(tokenizer, cfg.data, cfg.seq_len, "heldout",
-                                                cfg.heldout_tokens, cfg.heldout_pct, eos)
-        except DataError:
-            _log("[train] no held-out documents in the corpus data")
-    if cfg.self_distill:
-        from .distill import self_distill
-
-        prompts = _distill_prompts(cfg.self_distill, cfg)
-        gen = self_distill(model, tokenizer, prompts, cache_dir, fingerprint=fingerprint,
-                           max_new_tokens=cfg.distill_max_new_tokens,
-                           temperature=cfg.distill_temperature,
-                           batch_size=cfg.distill_batch_size, seed=cfg.seed,
-                           time_budget=cfg.distill_time_budget, log=_log)
-        split = [split_of("distill:" + text, cfg.heldout_pct) for text, _, _ in gen]
-        tr = [g[2] for g, sp in zip(gen, split) if sp == "train"]
-        ho = [g[2] for g, sp in zip(gen, split) if sp != "train"]
-        if not tr:
-            raise DataError("self-distillation produced no training sequences")
-        stage_rows[1] = pad_rows(tr, cfg.seq_len)
-        if ho:
-            heldout["distill"] = pad_rows(ho, cfg.seq_len)
-        _log(f"[train] stage 2 data: {len(tr)} self-distilled sequences, {len(ho)} held out")
+    stage_rows, heldout = load_stage_data(cfg, model, tokenizer, cache_dir, fingerprint)
     token_map = build_token_map([r for r in stage_rows if r is not None],
                                 model.config.vocab_size, cfg.draft_vocab)
     method = MTPMethod(model, token_map, num_modules=cfg.mtp_depth, lambdas=lambdas,
@@ -402,13 +365,8 @@ def run_config(cfg: MTPTrainConfig, model=None, tokenizer=None,
     module, history = train_on_rows(cfg, method, caches, device=device)
     if module is None:
         return {"stopped_at": cfg.stop_after, "history": history}
-    results = {k: method.summarize(evaluate(method, module, c, max(1, cfg.eval_rows), device))
-               for k, c in held.items()}
-    for k, r in results.items():
-        _log(f"[train] held-out {k}: top1 {r['top1']} chain {r['chain']} expected accepted "
-             f"{r['expected_accepted']} ({r['targets'][0]} positions)")
-    summary = {"heldout": results, "final_loss": history[-1] if history else None,
-               "elapsed_s": round(time.perf_counter() - t_start, 1)}
+    results, summary = heldout_summary(method, module, held, cfg.eval_rows, device, history,
+                                       t_start)
     if dist.rank() == 0:
         extra = {"heldout_depth_accuracy": results,
                  "training": {"config": {k: v for k, v in dataclasses.asdict(cfg).items()

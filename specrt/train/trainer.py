@@ -337,6 +337,78 @@ def _distill_prompts(specs: list, cfg: TrainConfig) -> list:
     return prompts
 
 
+def check_stages(cfg: TrainConfig) -> None:
+    """The stage and batch-size rules every training pipeline shares."""
+    if cfg.steps < 0 or cfg.stage2_steps < 0 or cfg.steps + cfg.stage2_steps < 1:
+        raise ValueError("need --steps + --stage2-steps >= 1 (and neither negative)")
+    if cfg.batch_size < dist.world_size():
+        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of "
+                         f"processes ({dist.world_size()})")
+    if cfg.stage2_steps > 0 and not cfg.self_distill:
+        raise ValueError("--stage2-steps trains on self-distilled data: give --self-distill")
+    if cfg.self_distill and cfg.stage2_steps == 0:
+        raise ValueError("--self-distill data is used in stage 2: give --stage2-steps > 0")
+    if cfg.steps > 0 and not cfg.data:
+        raise ValueError("stage 1 (--steps > 0) needs --data")
+    if cfg.self_distill and getattr(cfg, "fsdp", False):
+        raise ValueError("self-distillation under --fsdp is not supported (ranks would "
+                         "generate different numbers of steps); generate once without "
+                         "--fsdp (the result is cached) or train without --fsdp")
+
+
+def load_stage_data(cfg: TrainConfig, model, tokenizer, cache_dir, fingerprint) -> tuple:
+    """``(stage_rows, heldout)``: stage 1 rows from ``cfg.data`` (when ``cfg.steps > 0``) with
+    the corpus's held-out rows, stage 2 rows from self-distillation (``cfg.self_distill``) with
+    its held-out share."""
+    eos = (tokenizer.eos_token_ids[0] if getattr(tokenizer, "eos_token_ids", None) else None)
+    stage_rows, heldout = [None, None], {}
+    if cfg.steps > 0:
+        stage_rows[0] = tokenize_chunks(tokenizer, cfg.data, cfg.seq_len, "train",
+                                        cfg.max_tokens, cfg.heldout_pct, eos)
+        _log(f"[train] stage 1 data: {stage_rows[0].shape[0]} rows x {cfg.seq_len} "
+             f"({int((stage_rows[0] != PAD).sum())} tokens) from {cfg.data}")
+        try:
+            heldout["corpus"] = tokenize_chunks(tokenizer, cfg.data, cfg.seq_len, "heldout",
+                                                cfg.heldout_tokens, cfg.heldout_pct, eos)
+        except DataError:
+            _log("[train] no held-out documents in the corpus data (too few files?)")
+    if cfg.self_distill:
+        from .distill import self_distill
+
+        prompts = _distill_prompts(cfg.self_distill, cfg)
+        if not prompts:
+            raise DataError("--self-distill gave no prompts")
+        gen = self_distill(model, tokenizer, prompts, cache_dir, fingerprint=fingerprint,
+                           max_new_tokens=cfg.distill_max_new_tokens,
+                           temperature=cfg.distill_temperature,
+                           batch_size=cfg.distill_batch_size, seed=cfg.seed,
+                           time_budget=cfg.distill_time_budget, log=_log)
+        tr = [ids for text, _, ids in gen if split_of("distill:" + text, cfg.heldout_pct) == "train"]
+        ho = [ids for text, _, ids in gen if split_of("distill:" + text, cfg.heldout_pct) != "train"]
+        if not tr:
+            raise DataError("self-distillation produced no training sequences")
+        stage_rows[1] = pad_rows(tr, cfg.seq_len)
+        if ho:
+            heldout["distill"] = pad_rows(ho, cfg.seq_len)
+        _log(f"[train] stage 2 data: {len(tr)} self-distilled sequences "
+             f"({int((stage_rows[1] != PAD).sum())} tokens), {len(ho)} held out")
+    return stage_rows, heldout
+
+
+def heldout_summary(method, module, held: dict, batch_rows: int, device, history: list,
+                    t_start: float) -> tuple:
+    """``(results, summary)``: the method's held-out figures per cache (logged), and the run
+    summary (held-out figures, final loss, elapsed time)."""
+    results = {k: method.summarize(evaluate(method, module, c, max(1, batch_rows), device))
+               for k, c in held.items()}
+    for k, r in results.items():
+        _log(f"[train] held-out {k}: top1 {r['top1']} chain {r['chain']} expected accepted "
+             f"{r['expected_accepted']} ({r['targets'][0]} targets)")
+    summary = {"heldout": results, "final_loss": history[-1] if history else None,
+               "elapsed_s": round(time.perf_counter() - t_start, 1)}
+    return results, summary
+
+
 def run(cfg: TrainConfig, model=None, tokenizer=None, model_path: Optional[str] = None) -> dict:
     """Run the whole pipeline; returns the evaluation summary (also in ``cfg.out``)."""
     t_start = time.perf_counter()
@@ -358,63 +430,18 @@ def run(cfg: TrainConfig, model=None, tokenizer=None, model_path: Optional[str] 
             raise ValueError(f"--seq-len {cfg.seq_len} is too small: every training-time-test "
                              f"step needs a target inside the row (seq_len >= length + 2 = "
                              f"{cfg.length + 2})")
-    if cfg.steps < 0 or cfg.stage2_steps < 0 or cfg.steps + cfg.stage2_steps < 1:
-        raise ValueError("need --steps + --stage2-steps >= 1 (and neither negative)")
-    if cfg.batch_size < dist.world_size():
-        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of "
-                         f"processes ({dist.world_size()})")
-    if cfg.stage2_steps > 0 and not cfg.self_distill:
-        raise ValueError("--stage2-steps trains on self-distilled data: give --self-distill")
-    if cfg.self_distill and cfg.stage2_steps == 0:
-        raise ValueError("--self-distill data is used in stage 2: give --stage2-steps > 0")
-    if cfg.steps > 0 and not cfg.data:
-        raise ValueError("stage 1 (--steps > 0) needs --data")
+    check_stages(cfg)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if model is None:
         model, tokenizer, model_path = _load_target(cfg, device)
     fingerprint = model_fingerprint(model, model_path)
-    eos = (tokenizer.eos_token_ids[0] if getattr(tokenizer, "eos_token_ids", None) else None)
     _log(f"[train] target {model_path or 'in-memory'}; device {device}; world "
          f"{dist.world_size()}; cache {cache_dir}")
 
     # ---- data
-    stage_rows, heldout = [None, None], {}
-    if cfg.steps > 0:
-        stage_rows[0] = tokenize_chunks(tokenizer, cfg.data, cfg.seq_len, "train",
-                                        cfg.max_tokens, cfg.heldout_pct, eos)
-        _log(f"[train] stage 1 data: {stage_rows[0].shape[0]} rows x {cfg.seq_len} "
-             f"({int((stage_rows[0] != PAD).sum())} tokens) from {cfg.data}")
-        try:
-            heldout["corpus"] = tokenize_chunks(tokenizer, cfg.data, cfg.seq_len, "heldout",
-                                                cfg.heldout_tokens, cfg.heldout_pct, eos)
-        except DataError:
-            _log("[train] no held-out documents in the corpus data (too few files?)")
+    stage_rows, heldout = load_stage_data(cfg, model, tokenizer, cache_dir, fingerprint)
     if cfg.fsdp:
         _fsdp_wrap(model, device)
-    if cfg.self_distill:
-        from .distill import self_distill
-
-        prompts = _distill_prompts(cfg.self_distill, cfg)
-        if not prompts:
-            raise DataError("--self-distill gave no prompts")
-        if cfg.fsdp:
-            raise ValueError("self-distillation under --fsdp is not supported (ranks would "
-                             "generate different numbers of steps); generate once without "
-                             "--fsdp (the result is cached) or train without --fsdp")
-        gen = self_distill(model, tokenizer, prompts, cache_dir, fingerprint=fingerprint,
-                           max_new_tokens=cfg.distill_max_new_tokens,
-                           temperature=cfg.distill_temperature,
-                           batch_size=cfg.distill_batch_size, seed=cfg.seed,
-                           time_budget=cfg.distill_time_budget, log=_log)
-        tr = [ids for text, _, ids in gen if split_of("distill:" + text, cfg.heldout_pct) == "train"]
-        ho = [ids for text, _, ids in gen if split_of("distill:" + text, cfg.heldout_pct) != "train"]
-        if not tr:
-            raise DataError("self-distillation produced no training sequences")
-        stage_rows[1] = pad_rows(tr, cfg.seq_len)
-        if ho:
-            heldout["distill"] = pad_rows(ho, cfg.seq_len)
-        _log(f"[train] stage 2 data: {len(tr)} self-distilled sequences "
-             f"({int((stage_rows[1] != PAD).sum())} tokens), {len(ho)} held out")
 
     # ---- method
     from .medusa import MedusaMethod, build_token_map
@@ -505,15 +532,8 @@ def run(cfg: TrainConfig, model=None, tokenizer=None, model_path: Optional[str] 
 def _finish_eagle(cfg: TrainConfig, method, module, held: dict, history: list, token_map,
                   stage_rows, model_path, device, t_start) -> dict:
     """Held-out evaluation, the head in the SafeAILab layout and the card (EAGLE runs)."""
-    results = {}
-    for k, c in held.items():
-        results[k] = method.summarize(evaluate(method, module, c, max(1, cfg.batch_size),
-                                               device))
-    for k, r in results.items():
-        _log(f"[train] held-out {k}: top1 {r['top1']} chain {r['chain']} expected accepted "
-             f"{r['expected_accepted']} ({r['targets'][0]} targets)")
-    summary = {"heldout": results, "final_loss": history[-1] if history else None,
-               "elapsed_s": round(time.perf_counter() - t_start, 1)}
+    results, summary = heldout_summary(method, module, held, cfg.batch_size, device, history,
+                                       t_start)
     if dist.rank() == 0:
         extra = {"heldout_step_accuracy": {k: {m: r[m] for m in ("top1", "top5", "chain",
                                                                  "expected_accepted",
