@@ -23,13 +23,7 @@ from specrt.proposers.mtp import (MTPCheckpointError, MTPConfig, MTPModules, MTP
 
 from _tiny import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,10 @@ from specrt.train.hidden import compute_hidden_cache, model_fingerprint, target_
 from specrt.train.medusa import build_token_map
 from specrt.train.trainer import TrainConfig, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 97
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

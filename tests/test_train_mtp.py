@@ -23,15 +23,10 @@ from specrt.train.hidden import target_states
 from specrt.train.mtp import (MTPMethod, MTPTrainConfig, add_args, config_from_args,
                               run_config)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 97
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
