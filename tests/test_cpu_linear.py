@@ -136,6 +136,43 @@ def test_verified_logits_equal_decoded_logits(dtype, arch):
     assert torch.equal(decoded, verified)
 
 
+def _tree_logits(model, tokens, parents, prefix):
+    """Logits of every node of one draft tree verified in one forward after ``prefix``."""
+    cfg = model.config
+    cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 4, 64,
+                         model.embed_tokens.dtype, torch.device("cpu"))
+    cache.add_sequence(0)
+    for toks in (prefix, None):
+        n = cache.committed_len(0)
+        tree = DraftTree(toks, [-1] + list(range(len(toks) - 1))) if toks else \
+            DraftTree(tokens, parents)
+        tb = batch_trees([tree], [n])
+        meta = build_metadata(cache, [0], tb)
+        with torch.no_grad():
+            out = model(tb.tokens.long(), tb.positions, cache.kv, meta)
+        cache.commit(0, n + len(tree.tokens))
+    return out.logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tree_node_logits_equal_decoded_logits(dtype):
+    """A node whose sibling drafts sit in the cache slots between its ancestors gets bit for bit
+    the logits of its path decoded token by token (the attention's order is defined on the
+    visible keys, not on cache slots)."""
+    model = tiny_model(seed=6, arch="llama").to(dtype)
+    prefix = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46]
+    tokens = [26, 43, 38, 32, 79, 50, 28, 84]
+    parents = [-1, 0, 0, 1, 2, 3, 1, 4]
+    tree = _tree_logits(model, tokens, parents, prefix)
+    for i in range(len(tokens)):
+        path, j = [], i
+        while j >= 0:
+            path.append(tokens[j])
+            j = parents[j]
+        decoded = _chain_logits(model, path[::-1], prefix, one_at_a_time=True)[-1]
+        assert torch.equal(tree[i], decoded), i
+
+
 def test_fast_path_matches_torch_gemm(monkeypatch):
     """The model's logits with the CPU GEMM on and off agree to fp32 round-off."""
     model = tiny_model(seed=4, arch="qwen2")

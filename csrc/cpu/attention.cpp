@@ -83,7 +83,10 @@ constexpr int64_t kChunk = 64;  // keys converted to fp32 at a time (K+V chunk f
 
 // The vector math of one query row against one chunk of keys, compiled for AVX-512, AVX2 and
 // the baseline (picked at load time by the CPU's features). Every row is computed the same way
-// whatever the other rows are, so a row's output does not depend on the batch.
+// whatever the other rows are, so a row's output does not depend on the batch. This file is
+// built with -ffp-contract=off (CMakeLists.txt): with contraction, a key's score would be an FMA
+// in a vectorized loop body and a multiply + add in the remainder, i.e. depend on how many keys
+// share its chunk.
 
 // exp(x) for x <= 0 (x < -87, including -inf, gives 0): Cody-Waite reduction by ln 2 and a
 // degree-6 polynomial, relative error ~2 ulp; written so the compiler vectorizes it.
@@ -114,24 +117,16 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void chunk_scores(
   }
 }
 
-// sc[j] <- exp(sc[j] - m) (masked scores are -inf and give 0); returns their sum.
-__attribute__((target_clones("avx512f", "avx2", "default"))) float chunk_exp(float* sc,
-                                                                            int64_t n, float m) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float w = exp_nonpos(sc[j] - m);
-    sc[j] = w;
-    sum += w;
-  }
-  return sum;
+// sc[j] <- exp(sc[j] - m) (masked scores are -inf and give 0).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void chunk_exp(float* sc, int64_t n,
+                                                                           float m) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) sc[j] = exp_nonpos(sc[j] - m);
 }
 
-// acc = acc * alpha + sum_j w[j] * v_j (v row-major [n, d]).
+// acc += sum_j w[j] * v_j (v row-major [n, d]), keys in order, zero weights skipped.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void chunk_accumulate(
-    float* acc, const float* w, const float* v, int64_t n, int64_t d, float alpha) {
-#pragma omp simd
-  for (int64_t e = 0; e < d; ++e) acc[e] *= alpha;
+    float* acc, const float* w, const float* v, int64_t n, int64_t d) {
   for (int64_t j = 0; j < n; ++j) {
     const float wj = w[j];
     if (wj == 0.f) continue;
@@ -146,6 +141,8 @@ struct Scratch {
   std::vector<float> q, acc, m, l, kt, v, s;
 };
 
+constexpr int64_t kRowBlock = 16;  // query rows whose scores are kept at once (pass 1 -> 2)
+
 inline bool key_visible(const TreeAttentionParams& p, int64_t pos, int64_t prefix, int64_t row,
                         int64_t local_i) {
   if (pos < prefix) return true;
@@ -155,8 +152,30 @@ inline bool key_visible(const TreeAttentionParams& p, int64_t pos, int64_t prefi
   return (word >> (k & 31)) & 1u;
 }
 
+template <typename T>
+void load_chunk(const TreeAttentionParams& p, const T* cache, int64_t stride_page,
+                int64_t stride_slot, int64_t stride_head, const int32_t* pages, int64_t kvh,
+                int64_t c0, int64_t n, bool transpose, float* dst) {
+  const int64_t d = p.head_dim;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = c0 + j;
+    const T* src = cache + pages[pos / p.page_size] * stride_page +
+                   (pos % p.page_size) * stride_slot + kvh * stride_head;
+    if (transpose) {
+      for (int64_t e = 0; e < d; ++e) dst[e * kChunk + j] = to_float(src[e]);
+    } else {
+      for (int64_t e = 0; e < d; ++e) dst[j * d + e] = to_float(src[e]);
+    }
+  }
+}
+
 // All query rows of sequence b that read kv head kvh: rows r = i * group + g, query head
-// kvh * group + g, local node i.
+// kvh * group + g, local node i. Two passes per block of rows: scores and their exact maximum,
+// then weights, their sum and the weighted values. Each is defined on the row's visible keys in
+// key order (a masked key adds an exact zero), so a row's output does not depend on the keys it
+// cannot see: a node verified in a draft tree, whose siblings sit in the slots between its
+// ancestors, gets bit for bit the output of the same token decoded after its accepted
+// ancestors (an online softmax over slot chunks would round differently).
 template <typename T>
 void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch& s) {
   const int64_t q0 = p.qo_indptr[b];
@@ -171,65 +190,72 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const int32_t* pages = p.block_table + b * p.block_table_stride;
+  T* out = static_cast<T*>(p.out);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-  s.q.assign(rows * d, 0.f);
-  s.acc.assign(rows * d, 0.f);
-  s.m.assign(rows, kNegInf);
-  s.l.assign(rows, 0.f);
   s.kt.resize(kChunk * d);
   s.v.resize(kChunk * d);
-  s.s.resize(kChunk);
-  // The softmax scale is folded into q (one multiply per element instead of one per score).
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* src = q + (q0 + r / group) * p.q_stride_n + (kvh * group + r % group) * p.q_stride_h;
-    for (int64_t e = 0; e < d; ++e) s.q[r * d + e] = to_float(src[e]) * p.sm_scale;
-  }
-
-  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, kv_len - c0);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = c0 + j;
-      const int64_t page = pages[pos / p.page_size];
-      const int64_t off = pos % p.page_size;
-      const T* ks = kc + page * p.k_stride_page + off * p.k_stride_slot + kvh * p.k_stride_head;
-      const T* vs = vc + page * p.v_stride_page + off * p.v_stride_slot + kvh * p.v_stride_head;
-      for (int64_t e = 0; e < d; ++e) {
-        s.kt[e * kChunk + j] = to_float(ks[e]);
-        s.v[j * d + e] = to_float(vs[e]);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t nr = std::min(kRowBlock, rows - r0);
+    s.q.assign(nr * d, 0.f);
+    s.acc.assign(nr * d, 0.f);
+    s.m.assign(nr, kNegInf);
+    s.l.assign(nr, 0.f);
+    s.s.resize(nr * kv_len);
+    // The softmax scale is folded into q (one multiply per element instead of one per score).
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t row = r0 + r;
+      const T* src =
+          q + (q0 + row / group) * p.q_stride_n + (kvh * group + row % group) * p.q_stride_h;
+      for (int64_t e = 0; e < d; ++e) s.q[r * d + e] = to_float(src[e]) * p.sm_scale;
+    }
+    // Pass 1: scores (masked: -inf) and their maximum per row.
+    for (int64_t c0 = 0; c0 < kv_len; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, kv_len - c0);
+      load_chunk(p, kc, p.k_stride_page, p.k_stride_slot, p.k_stride_head, pages, kvh, c0, n,
+                 true, s.kt.data());
+      const bool all_visible = c0 + n <= prefix;
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t local_i = (r0 + r) / group;
+        float* sc = s.s.data() + r * kv_len + c0;
+        chunk_scores(s.q.data() + r * d, s.kt.data(), d, n, sc);
+        float mx = s.m[r];
+        for (int64_t j = 0; j < n; ++j) {
+          if (!all_visible && !key_visible(p, c0 + j, prefix, q0 + local_i, local_i)) {
+            sc[j] = kNegInf;
+          }
+          mx = std::max(mx, sc[j]);
+        }
+        s.m[r] = mx;
       }
     }
-    const bool all_visible = c0 + n <= prefix;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t local_i = r / group;
-      float* sc = s.s.data();
-      chunk_scores(s.q.data() + r * d, s.kt.data(), d, n, sc);
-      float cmax = kNegInf;
-      for (int64_t j = 0; j < n; ++j) {
-        if (!all_visible && !key_visible(p, c0 + j, prefix, q0 + local_i, local_i)) sc[j] = kNegInf;
-        cmax = std::max(cmax, sc[j]);
+    // Pass 2: weights exp(score - max), their sum in key order, the weighted values.
+    for (int64_t c0 = 0; c0 < kv_len; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, kv_len - c0);
+      load_chunk(p, vc, p.v_stride_page, p.v_stride_slot, p.v_stride_head, pages, kvh, c0, n,
+                 false, s.v.data());
+      for (int64_t r = 0; r < nr; ++r) {
+        if (s.m[r] == kNegInf) continue;  // nothing visible
+        float* w = s.s.data() + r * kv_len + c0;
+        chunk_exp(w, n, s.m[r]);
+        float l = s.l[r];
+        for (int64_t j = 0; j < n; ++j) l += w[j];
+        s.l[r] = l;
+        chunk_accumulate(s.acc.data() + r * d, w, s.v.data(), n, d);
       }
-      if (cmax == kNegInf) continue;  // nothing new visible
-      const float m_new = std::max(s.m[r], cmax);
-      const float alpha = s.m[r] == kNegInf ? 0.f : exp_nonpos(s.m[r] - m_new);
-      const float sum = chunk_exp(sc, n, m_new);
-      chunk_accumulate(s.acc.data() + r * d, sc, s.v.data(), n, d, alpha);
-      s.l[r] = s.l[r] * alpha + sum;
-      s.m[r] = m_new;
     }
-  }
-
-  T* out = static_cast<T*>(p.out);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = q0 + r / group;
-    const int64_t h = kvh * group + r % group;
-    T* dst = out + n * p.out_stride_n + h * p.out_stride_h;
-    const bool seen = s.l[r] > 0.f;
-    const float inv = seen ? 1.f / s.l[r] : 0.f;
-    for (int64_t e = 0; e < d; ++e) dst[e] = from_float<T>(s.acc[r * d + e] * inv);
-    if (p.lse != nullptr) {
-      p.lse[n * p.lse_stride_n + h * p.lse_stride_h] =
-          seen ? s.m[r] + std::log(s.l[r]) : kNegInf;
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t row = r0 + r;
+      const int64_t n = q0 + row / group;
+      const int64_t h = kvh * group + row % group;
+      T* dst = out + n * p.out_stride_n + h * p.out_stride_h;
+      const bool seen = s.l[r] > 0.f;
+      const float inv = seen ? 1.f / s.l[r] : 0.f;
+      for (int64_t e = 0; e < d; ++e) dst[e] = from_float<T>(s.acc[r * d + e] * inv);
+      if (p.lse != nullptr) {
+        p.lse[n * p.lse_stride_n + h * p.lse_stride_h] =
+            seen ? s.m[r] + std::log(s.l[r]) : kNegInf;
+      }
     }
   }
 }
