@@ -510,17 +510,15 @@ def _check(cfg: MLPSpecConfig) -> None:
 
 def run_config(cfg: MLPSpecConfig, model=None, tokenizer=None, model_path=None) -> dict:
     """The whole pipeline; returns the summary (also written to ``cfg.out``)."""
-    from .hidden import compute_hidden_cache, default_cache_dir, model_fingerprint
+    from .hidden import compute_hidden_cache
     from .medusa import build_token_map
-    from .trainer import _load_target, heldout_summary, train_on_rows
+    from .trainer import heldout_summary, target_and_cache, train_on_rows
 
     t_start = time.perf_counter()
     device = dist.init(cfg.device)
     _check(cfg)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    if model is None:
-        model, tokenizer, model_path = _load_target(cfg, device)
-    fp = model_fingerprint(model, model_path)
+    model, tokenizer, model_path, fp, cache_dir = target_and_cache(cfg, device, model, tokenizer,
+                                                                  model_path)
     eos = tokenizer.eos_token_ids[0] if getattr(tokenizer, "eos_token_ids", None) else None
     _log(f"[train] mlp-speculator: target {model_path or 'in-memory'}; device {device}; world "
          f"{dist.world_size()}; cache {cache_dir}")

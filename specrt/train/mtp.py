@@ -324,10 +324,10 @@ def run_config(cfg: MTPTrainConfig, model=None, tokenizer=None,
                model_path: Optional[str] = None) -> dict:
     """The whole pipeline (data -> hidden states -> training -> held-out evaluation -> modules
     in the MiMo layout + card); returns the summary."""
-    from .hidden import compute_hidden_cache, default_cache_dir, model_fingerprint
+    from .hidden import compute_hidden_cache
     from .medusa import build_token_map
-    from .trainer import (_coverage, _data_lines, _load_target, _reproduce_lines,
-                          check_stages, heldout_summary, load_stage_data, train_on_rows)
+    from .trainer import (_coverage, _data_lines, _reproduce_lines, check_stages,
+                          heldout_summary, load_stage_data, target_and_cache, train_on_rows)
 
     t_start = time.perf_counter()
     device = dist.init(cfg.device)
@@ -338,10 +338,8 @@ def run_config(cfg: MTPTrainConfig, model=None, tokenizer=None,
         raise ValueError(f"--seq-len {cfg.seq_len} is too small for {cfg.mtp_depth} modules "
                          f"(need >= {cfg.mtp_depth + 2})")
     check_stages(cfg)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    if model is None:
-        model, tokenizer, model_path = _load_target(cfg, device)
-    fingerprint = model_fingerprint(model, model_path)
+    model, tokenizer, model_path, fingerprint, cache_dir = target_and_cache(
+        cfg, device, model, tokenizer, model_path)
     _log(f"[train] mtp: target {model_path or 'in-memory'}; device {device}; "
          f"{cfg.mtp_depth} modules; labels {cfg.mtp_labels}; lambda {lambdas}")
     stage_rows, heldout = load_stage_data(cfg, model, tokenizer, cache_dir, fingerprint)

@@ -308,6 +308,16 @@ def _load_target(cfg: TrainConfig, device: str):
     return model.eval().requires_grad_(False), tok, str(path)
 
 
+def target_and_cache(cfg: TrainConfig, device: str, model=None, tokenizer=None,
+                     model_path: Optional[str] = None) -> tuple:
+    """``(model, tokenizer, model_path, fingerprint, cache_dir)``: the frozen target (loaded
+    from ``cfg.model`` unless given), its fingerprint and the hidden-state cache folder."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if model is None:
+        model, tokenizer, model_path = _load_target(cfg, device)
+    return model, tokenizer, model_path, model_fingerprint(model, model_path), cache_dir
+
+
 def _fsdp_wrap(model, device: str):
     """Shard the frozen target's decoder layers with FSDP2 (``fully_shard``)."""
     if not dist.is_dist():
@@ -431,10 +441,8 @@ def run(cfg: TrainConfig, model=None, tokenizer=None, model_path: Optional[str] 
                              f"step needs a target inside the row (seq_len >= length + 2 = "
                              f"{cfg.length + 2})")
     check_stages(cfg)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    if model is None:
-        model, tokenizer, model_path = _load_target(cfg, device)
-    fingerprint = model_fingerprint(model, model_path)
+    model, tokenizer, model_path, fingerprint, cache_dir = target_and_cache(
+        cfg, device, model, tokenizer, model_path)
     _log(f"[train] target {model_path or 'in-memory'}; device {device}; world "
          f"{dist.world_size()}; cache {cache_dir}")
 
