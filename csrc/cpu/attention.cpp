@@ -1,5 +1,6 @@
 // CPU tree attention: see attention.h for the algorithm and layout.
 #include "cpu/attention.h"
+#include "cpu/bf16.h"
 
 #include <algorithm>
 #include <atomic>
@@ -12,19 +13,7 @@
 namespace specrt::cpu {
 namespace {
 
-// ---- scalar conversions (IEEE binary16 / bfloat16 <-> binary32, round to nearest even) ----
-
-inline float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof f);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  return b;
-}
+// ---- scalar conversions (IEEE binary16 <-> binary32, round to nearest even; bf16: bf16.h) ----
 
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -57,14 +46,6 @@ inline uint16_t float_to_half(float f) {
   const uint32_t rem = m & 0x1fffu;
   if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;  // carry may reach inf: correct
   return sign | static_cast<uint16_t>(r);
-}
-
-inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
-
-inline uint16_t float_to_bf16(float f) {
-  const uint32_t x = float_to_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
 struct Half { uint16_t bits; };

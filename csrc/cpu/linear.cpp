@@ -6,6 +6,8 @@
 // in L1/L2.
 #include "cpu/linear.h"
 
+#include "cpu/bf16.h"
+
 // GCC 12's AVX-512 headers trip its own uninitialized-value warnings (_mm256_undefined_pd in
 // _mm512_reduce_add_ps); nothing in this file is uninitialized.
 #pragma GCC diagnostic push
@@ -14,7 +16,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 
 namespace specrt::cpu {
@@ -29,21 +30,6 @@ bool cpu_has_avx512() {
 bool cpu_has_avx512_bf16() {
   static const bool v = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return v;
-}
-
-float bf16_to_float(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
 }
 
 // A tile computes the dot products of C weight rows with R rows of x, one fp32 accumulator per
