@@ -284,7 +284,7 @@ def pack_linear(weight) -> PackedLinear:
     return PackedLinear(data, n, k)
 
 
-def linear(x, weight, bias=None, *, out=None, validate: bool = True):
+def linear(x, weight, bias=None, *, residual=None, out=None, validate: bool = True):
     """``x @ weight.T + bias`` on the CPU, for the few rows of a decode or verify step.
 
     Reads ``weight`` once per call; each output element is one fixed-order dot product, so a
@@ -297,6 +297,9 @@ def linear(x, weight, bias=None, *, out=None, validate: bool = True):
     x : [m, k], float32 or bfloat16, CPU, unit last stride
     weight : [n, k] of x's dtype (unit last stride), or a :class:`PackedLinear`
     bias : [n], optional
+    residual : [m, n], optional
+        Added to the result: ``residual + (x @ weight.T + bias)``, rounded as that expression
+        is in torch (the residual stream's add, fused). ``out`` may be ``residual`` itself.
     out : [m, n], optional (allocated when omitted)
     validate : bool
         False skips the Python-side checks (the op still checks devices, dtypes and shapes).
@@ -307,7 +310,7 @@ def linear(x, weight, bias=None, *, out=None, validate: bool = True):
     if not validate:
         if out is None:
             out = x.new_empty(x.shape[0], n)
-        _op("linear")(x, w, bias, out, packed)
+        _op("linear")(x, w, bias, out, packed, residual)
         return out
     _check_tensor("x", x, (torch.float32, torch.bfloat16), 2, torch.device("cpu"))
     if packed:
@@ -320,10 +323,45 @@ def linear(x, weight, bias=None, *, out=None, validate: bool = True):
     if bias is not None:
         _check_tensor("bias", bias, x.dtype, 1, x.device)
         _need(bias.shape[0] == n, f"bias has {bias.shape[0]} entries for {n} weight rows")
+    if residual is not None:
+        _check_tensor("residual", residual, x.dtype, 2, x.device)
+        _need(tuple(residual.shape) == (x.shape[0], n),
+              f"residual is {tuple(residual.shape)}, expected [{x.shape[0]}, {n}]")
     _need(bool(linear_isa(x.dtype)), "ops.linear needs AVX-512 on this CPU (linear_isa is empty)")
     if out is None:
         out = x.new_empty(x.shape[0], n)
-    _op("linear")(x, w, bias, out, packed)
+    _op("linear")(x, w, bias, out, packed, residual)
+    return out
+
+
+# ---- fused row-wise decoder-layer ops (CPU; csrc/cpu/layer_ops.h) ----------------------------
+# One call each where the reference model makes 5-10 small tensor ops per layer; a row's result
+# never depends on the other rows. fp32 / bf16 CPU tensors, 2-D, unit last stride; the op
+# checks shapes, dtypes and devices (RuntimeError).
+
+def rms_norm(x, weight, eps: float, *, out=None):
+    """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` per row, the variance in fp32 and the
+    weight applied in x's dtype (the reference's order). x [m, h], weight [h]."""
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _op("rms_norm")(x, weight, float(eps), out)
+    return out
+
+
+def rope_(qk, cos, sin, heads: int, head_dim: int):
+    """Rotary embedding (rotate-half layout) in place on the first ``heads`` heads of each row
+    of ``qk [m, >= heads * head_dim]``; ``cos`` / ``sin [m, head_dim / 2]`` hold each row's
+    angles. Products and sums are rounded in qk's dtype as in the reference. Returns qk."""
+    _op("rope")(qk, cos, sin, int(heads), int(head_dim))
+    return qk
+
+
+def silu_mul(gate_up, *, out=None):
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` rows ``[m, 2 * inter]`` -> ``[m, inter]``
+    (SiLU rounded to the dtype before the multiply, as in the reference)."""
+    if out is None:
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    _op("silu_mul")(gate_up, out)
     return out
 
 

@@ -44,8 +44,13 @@ bool cpu_has_avx512_bf16() {
 #define SPECRT_UNROLL _Pragma("GCC unroll 16")
 // Plain C = 4 tiles prefetch their weight rows kAheadTiles tiles ahead (prefetches never fault,
 // so running past the last row is harmless): the hardware prefetchers follow 4 interleaved row
-// streams less well than one (measured +10-20%).
+// streams less well than one (measured +10-20%). Packed tiles prefetch kAheadPacked tiles ahead
+// when x has more than one group of rows: the later groups read the tile from L1, and the
+// hardware prefetchers, which run ahead of demand misses only, leave the memory idle meanwhile
+// (measured, fp32: 8 rows -15-20% time, 12 rows -25-30%; with one group the prefetches cost up
+// to 20% instead, so they are off there).
 constexpr int64_t kAheadTiles = 2;
+constexpr int64_t kAheadPacked = 1;
 
 // Element j of weight row c of the tile: plain rows wr[c], or the packed tile at wr[0]
 // (vector steps of S elements, the 4 rows' steps side by side).
@@ -56,9 +61,9 @@ constexpr int64_t kAheadTiles = 2;
   do {                                                                                   \
     VEC w[C];                                                                            \
     SPECRT_UNROLL for (int c = 0; c < C; ++c) w[c] = wload(SPECRT_W(c));                 \
-    if (!P && C > 1)                                                                     \
+    if (P ? ahead != 0 : C > 1)                                                          \
       SPECRT_UNROLL for (int c = 0; c < C; ++c)                                          \
-          _mm_prefetch(reinterpret_cast<const char*>(wr[c] + j + ahead), _MM_HINT_T0);   \
+          _mm_prefetch(reinterpret_cast<const char*>(SPECRT_W(c) + ahead), _MM_HINT_T0); \
     SPECRT_UNROLL for (int r = 0; r < R; ++r) {                                          \
       const VEC xv = xload(xr[r] + j);                                                   \
       SPECRT_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = madd(acc[r][c], xv, w[c]);   \
@@ -68,7 +73,6 @@ constexpr int64_t kAheadTiles = 2;
 // The packed layout is zero padded, so its tail step loads the weight in full.
 #define SPECRT_TILE_BODY(VEC, load_full, load_tail, madd)                                \
   __m512 acc[R][C];                                                                      \
-  const int64_t ahead = kAheadTiles * C * wstride;                                       \
   SPECRT_UNROLL for (int r = 0; r < R; ++r)                                              \
     SPECRT_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();           \
   int64_t j = 0;                                                                         \
@@ -98,7 +102,7 @@ constexpr int64_t kStepF32 = 16, kStepBf16Dp = 32, kStepBf16Widen = 16;
 
 template <int C, int R, bool P>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void tile_f32(
-    const float* const* xr, const float* const* wr, int64_t k, int64_t wstride,
+    const float* const* xr, const float* const* wr, int64_t k, int64_t ahead,
     float (*out)[4]) {
   constexpr int64_t S = kStepF32;
   const __mmask16 tail = __mmask16((1u << (k % S)) - 1u);
@@ -107,7 +111,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void tile_f32(
 
 template <int C, int R, bool P>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void tile_bf16_widen(
-    const uint16_t* const* xr, const uint16_t* const* wr, int64_t k, int64_t wstride,
+    const uint16_t* const* xr, const uint16_t* const* wr, int64_t k, int64_t ahead,
     float (*out)[4]) {
   constexpr int64_t S = kStepBf16Widen;
   const __mmask16 tail = __mmask16((1u << (k % S)) - 1u);
@@ -116,7 +120,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void tile_bf16_widen(
 
 template <int C, int R, bool P>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tile_bf16_dp(
-    const uint16_t* const* xr, const uint16_t* const* wr, int64_t k, int64_t wstride,
+    const uint16_t* const* xr, const uint16_t* const* wr, int64_t k, int64_t ahead,
     float (*out)[4]) {
   constexpr int64_t S = kStepBf16Dp;
   const __mmask32 tail = __mmask32((1ull << (k % S)) - 1ull);
@@ -163,6 +167,7 @@ void run_columns(const LinearParams& p, int64_t n0, int64_t n1, const TileSet<T>
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
   const T* bias = static_cast<const T*>(p.bias);
+  const T* res = static_cast<const T*>(p.residual);
   T* y = static_cast<T*>(p.y);
   const int C = (p.packed || p.m > 2) ? 4 : 1;
   const int kind = p.packed ? 2 : C == 4 ? 1 : 0;
@@ -170,6 +175,9 @@ void run_columns(const LinearParams& p, int64_t n0, int64_t n1, const TileSet<T>
   // Row groups of near-equal size (8 rows: 4 + 4, not 6 + 2: a short group does few FMAs per
   // weight load and per lane reduction; measured 20-40% more FMAs/s at 7-8 rows).
   const int64_t groups = (p.m + kRows - 1) / kRows;
+  // Weight prefetch distance in elements (0: none), see kAheadTiles / kAheadPacked.
+  const int64_t ahead = p.packed ? (groups > 1 ? kAheadPacked * tile_elems : 0)
+                                 : kAheadTiles * C * p.w_stride;
   auto group_rows = [&](int64_t g) { return int(p.m / groups + (g < p.m % groups ? 1 : 0)); };
   float out[kRows][4];
   for (int64_t c0 = n0; c0 < n1; c0 += C) {
@@ -185,17 +193,21 @@ void run_columns(const LinearParams& p, int64_t n0, int64_t n1, const TileSet<T>
       const int nr = group_rows(g);
       const T* xr[kRows];
       for (int r = 0; r < nr; ++r) xr[r] = x + (r0 + r) * p.x_stride;
-      tiles.t[kind][nr - 1](xr, wr, p.k, p.w_stride, out);
+      tiles.t[kind][nr - 1](xr, wr, p.k, ahead, out);
       for (int r = 0; r < nr; ++r) {
         T* yr = y + (r0 + r) * p.y_stride + c0;
+        const T* rr = res != nullptr ? res + (r0 + r) * p.r_stride + c0 : nullptr;
         for (int c = 0; c < nc; ++c) {
           float v = out[r][c];
-          if (bias != nullptr) {
-            if constexpr (sizeof(T) == 4) v += bias[c0 + c];
-            else v += bf16_to_float(bias[c0 + c]);
+          if constexpr (sizeof(T) == 4) {
+            if (bias != nullptr) v += bias[c0 + c];
+            if (rr != nullptr) v = rr[c] + v;
+            yr[c] = v;
+          } else {
+            if (bias != nullptr) v += bf16_to_float(bias[c0 + c]);
+            if (rr != nullptr) v = bf16_to_float(rr[c]) + bf16_to_float(float_to_bf16(v));
+            yr[c] = float_to_bf16(v);
           }
-          if constexpr (sizeof(T) == 4) yr[c] = v;
-          else yr[c] = float_to_bf16(v);
         }
       }
     }
@@ -262,7 +274,8 @@ std::string validate_linear(const LinearParams& p) {
   if (p.m > 0 && p.n > 0) {
     if (p.y == nullptr || (p.k > 0 && (p.x == nullptr || p.w == nullptr)))
       return "null data pointer";
-    if (p.x_stride < p.k || (!p.packed && p.w_stride < p.k) || p.y_stride < p.n)
+    if (p.x_stride < p.k || (!p.packed && p.w_stride < p.k) || p.y_stride < p.n ||
+        (p.residual != nullptr && p.r_stride < p.n))
       return "row strides must be at least the row lengths";
   }
   if (*linear_isa(p.dtype) == '\0') return "this CPU lacks AVX-512 (use another GEMM)";

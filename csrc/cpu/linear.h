@@ -16,7 +16,7 @@
 //
 // Numerics: every output element is one dot product in a fixed order (16 fp32 lanes, k
 // ascending, then a fixed reduction of the lanes), plus the bias, rounded once to the output
-// dtype. A row's result therefore depends only on that row of x: never on m, on the column
+// dtype (then plus the residual, rounded again, when there is one). A row's result therefore depends only on that row of x: never on m, on the column
 // range a thread computes, on the layout of w, or on the other rows (batch invariance: a token
 // verified in a tree gets bit-identical logits to the same token decoded alone).
 //
@@ -37,6 +37,10 @@ struct LinearParams {
   int64_t w_stride = 0;  // plain layout only
   bool packed = false;   // w is linear_pack's output for (n, k)
   const void* bias = nullptr;  // optional
+  // Optional residual [m, n] added to the result: y = residual + (x @ w^T + bias), the sum
+  // rounded separately as in `residual + linear(x)` (y may alias the residual).
+  const void* residual = nullptr;
+  int64_t r_stride = 0;
   void* y = nullptr;
   int64_t y_stride = 0;
   int64_t m = 0, n = 0, k = 0;

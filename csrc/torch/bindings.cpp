@@ -25,8 +25,14 @@ TORCH_LIBRARY(specrt, m) {
       "kv_rollback(Tensor(a!) kv_cache, Tensor block_table, Tensor(b!) committed_lens, "
       "Tensor path, Tensor num_accepted) -> ()");
   // ---- skinny GEMM of decode / verify steps (CPU only; other devices use their BLAS) ----
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool packed=False) -> ()");
+  m.def(
+      "linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool packed=False, "
+      "Tensor? residual=None) -> ()");
   m.def("linear_pack(Tensor weight, Tensor(a!) packed) -> ()");
+  // ---- fused row-wise decoder-layer ops (CPU only) ----
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
+  m.def("rope(Tensor(a!) qk, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");
+  m.def("silu_mul(Tensor gate_up, Tensor(a!) out) -> ()");
   // ---- sampling / verification ----
   m.def(
       "rejection_sample(Tensor target_logits, Tensor draft_tokens, Tensor parents, "
@@ -46,6 +52,9 @@ TORCH_LIBRARY_IMPL(specrt, CPU, m) {
   m.impl("sample", &specrt::sample_cpu);
   m.impl("linear", &specrt::linear_cpu);
   m.impl("linear_pack", &specrt::linear_pack_cpu);
+  m.impl("rms_norm", &specrt::rms_norm_cpu);
+  m.impl("rope", &specrt::rope_cpu);
+  m.impl("silu_mul", &specrt::silu_mul_cpu);
 }
 
 #ifdef SPECRT_WITH_CUDA

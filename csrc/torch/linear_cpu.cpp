@@ -56,7 +56,7 @@ void linear_pack_cpu(const Tensor& weight, Tensor& packed) {
 }
 
 void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Tensor& out,
-                bool packed) {
+                bool packed, const OptTensor& residual) {
   check_matrix(x, "x");
   check_matrix(out, "out");
   const cpu::DType dtype = linear_dtype(x, "x");
@@ -89,6 +89,20 @@ void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Te
                 bias->sizes());
     TORCH_CHECK(n <= 1 || bias->stride(0) == 1, "linear: bias must be contiguous");
     p.bias = bias->data_ptr();
+  }
+  if (residual.has_value()) {
+    check_matrix(*residual, "residual");
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(),
+                "linear: residual must have x's dtype, got ", residual->scalar_type());
+    TORCH_CHECK(residual->size(0) == m && residual->size(1) == n, "linear: residual must be [",
+                m, ", ", n, "], got ", residual->sizes());
+    // Same element or disjoint: y[i, j] may overwrite residual[i, j] only.
+    TORCH_CHECK(!residual->is_alias_of(out) ||
+                    (residual->data_ptr() == out.data_ptr() &&
+                     (m <= 1 || residual->stride(0) == out.stride(0))),
+                "linear: residual may alias out only as the same view");
+    p.residual = residual->data_ptr();
+    p.r_stride = residual->size(0) > 1 ? residual->stride(0) : n;
   }
   p.dtype = dtype;
   p.packed = packed;

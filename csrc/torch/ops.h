@@ -25,10 +25,15 @@ void kv_rollback_cpu(Tensor& kv_cache, const Tensor& block_table, Tensor& commit
 
 // ---- skinny GEMM for decode / verify steps (linear_cpu.cpp; CPU only) ----
 void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Tensor& out,
-                bool packed);
+                bool packed, const OptTensor& residual);
 void linear_pack_cpu(const Tensor& weight, Tensor& packed);
 std::string linear_isa_cpu(at::ScalarType dtype);
 int64_t linear_packed_size_cpu(at::ScalarType dtype, int64_t n, int64_t k);
+
+// ---- fused row-wise decoder-layer ops (layer_cpu.cpp; CPU only) ----
+void rms_norm_cpu(const Tensor& x, const Tensor& weight, double eps, Tensor& out);
+void rope_cpu(Tensor& qk, const Tensor& cos, const Tensor& sin, int64_t heads, int64_t head_dim);
+void silu_mul_cpu(const Tensor& gate_up, Tensor& out);
 
 // ---- sampling (sampling_*.cpp) ----
 void rejection_sample_cpu(const Tensor& target_logits, const Tensor& draft_tokens,

@@ -49,19 +49,35 @@ def _packed(weight) -> "ops.PackedLinear":
     return packed
 
 
-def _linear(x, weight, bias=None):
-    """``F.linear``; on the CPU, the few rows of a decode or verify step go through
-    ``specrt.ops.linear`` on a packed copy of the weight (fp32 / bf16 with AVX-512): it streams
-    the weight at up to twice the bandwidth of torch's GEMM at these shapes, and each row's
-    result is independent of the other rows, so a token verified inside a draft tree gets the
-    logits it would get decoded alone (docs/cpu_linear.md). Autograd inputs stay on
-    ``F.linear``."""
+def _linear(x, weight, bias=None, residual=None):
+    """``F.linear`` (plus ``residual`` when given); on the CPU, the few rows of a decode or
+    verify step go through ``specrt.ops.linear`` on a packed copy of the weight (fp32 / bf16
+    with AVX-512): it streams the weight at up to twice the bandwidth of torch's GEMM at these
+    shapes, and each row's result is independent of the other rows, so a token verified inside
+    a draft tree gets the logits it would get decoded alone (docs/cpu_linear.md). The residual
+    add is fused into it there. Autograd inputs stay on ``F.linear``."""
     if (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= CPU_LINEAR_MAX_ROWS
             and x.dtype == weight.dtype and ops.linear_isa(x.dtype)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and (residual is None or residual.stride(-1) == 1)):
         return ops.linear(x if x.stride(-1) == 1 else x.contiguous(), _packed(weight), bias,
-                          validate=False)
-    return F.linear(x, weight, bias)
+                          residual=residual, validate=False)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y
+
+
+#: Fused CPU row-wise ops (``ops.rms_norm``, ``ops.rope_``, ``ops.silu_mul``) for inference on
+#: the CPU: one call each instead of 5-10 small tensor ops per layer (the Python and dispatch
+#: overhead of those was about a quarter of a decode step). ``$SPECRT_CPU_FUSED=0`` turns them
+#: off (the reference's tensor ops then run; results differ at round-off level only).
+CPU_FUSED_OPS = os.environ.get("SPECRT_CPU_FUSED", "1") != "0"
+_ROW_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _fused(x) -> bool:
+    """Whether ``x``'s rows go through the fused CPU ops (CPU, fp32 / bf16, 2-D, no autograd)."""
+    return (CPU_FUSED_OPS and x.device.type == "cpu" and x.dtype in _ROW_DTYPES
+            and x.dim() == 2 and not torch.is_grad_enabled())
 
 
 class CheckpointError(ValueError):
@@ -96,6 +112,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(x) and x.stride(-1) == 1:
+            return ops.rms_norm(x, self.weight, self.eps)
         # Variance in fp32, weight applied in the model dtype: the reference's exact order.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -140,22 +158,31 @@ class DecoderLayer(nn.Module):
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = _linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
         # RoPE on q and k heads in one pass (rotate-half layout, as HF checkpoints expect).
-        qk = qkv[:, : self.q_size + self.kv_size].view(n, hq + hkv, d)
-        x1, x2 = qk[..., : d // 2], qk[..., d // 2:]
-        qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        q, k = qk[:, :hq], qk[:, hq:]
+        if _fused(qkv):
+            ops.rope_(qkv, cos.squeeze(1), sin.squeeze(1), hq + hkv, d)
+            q = qkv[:, : self.q_size].view(n, hq, d)
+            k = qkv[:, self.q_size: self.q_size + self.kv_size].view(n, hkv, d)
+        else:
+            qk = qkv[:, : self.q_size + self.kv_size].view(n, hq + hkv, d)
+            x1, x2 = qk[..., : d // 2], qk[..., d // 2:]
+            qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, hkv, d)
         ops.append_kv(k, v, k_cache, v_cache, attn.slot_mapping, validate=not attn.trusted)
         o = ops.tree_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
                                attn.qo_indptr, attn.mask, sm_scale=self.sm_scale,
                                plan=attn.plan, workspace=attn.workspace,
                                validate=not attn.trusted)
-        return x + _linear(o.view(n, hq * d), self.o_weight, self.o_bias)
+        return _linear(o.view(n, hq * d), self.o_weight, self.o_bias, residual=x)
 
     def _mlp(self, x):
-        gate, up = _linear(self.post_norm(x), self.gate_up_weight,
-                            self.gate_up_bias).chunk(2, dim=-1)
-        return x + _linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+        gate_up = _linear(self.post_norm(x), self.gate_up_weight, self.gate_up_bias)
+        if _fused(gate_up):
+            act = ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return _linear(act, self.down_weight, self.down_bias, residual=x)
 
 
 @dataclass(frozen=True, slots=True)
