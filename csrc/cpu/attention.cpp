@@ -1,6 +1,7 @@
 // CPU tree attention: see attention.h for the algorithm and layout.
 #include "cpu/attention.h"
 #include "cpu/bf16.h"
+#include "cpu/vmath.h"
 
 #include <algorithm>
 #include <atomic>
@@ -8,7 +9,14 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+// GCC 12's AVX-512 headers trip its own uninitialized-value warnings (as in linear.cpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
 
 namespace specrt::cpu {
 namespace {
@@ -69,23 +77,6 @@ constexpr int64_t kChunk = 64;  // keys converted to fp32 at a time (K+V chunk f
 // in a vectorized loop body and a multiply + add in the remainder, i.e. depend on how many keys
 // share its chunk.
 
-// exp(x) for x <= 0 (x < -87, including -inf, gives 0): Cody-Waite reduction by ln 2 and a
-// degree-6 polynomial, relative error ~2 ulp; written so the compiler vectorizes it.
-inline float exp_nonpos(float x) {
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float n = (x * 1.44269504088896341f + shifter) - shifter;
-  n = std::max(n, -127.0f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  const float poly =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-01f + r * (4.16666679e-02f +
-                                                                 r * (8.33333377e-03f +
-                                                                      r * 1.38888892e-03f)))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : poly * scale;
-}
-
 // sc[j] = q . k_j for j < n, keys transposed: kt[e * kChunk + j].
 __attribute__((target_clones("avx512f", "avx2", "default"))) void chunk_scores(
     const float* q, const float* kt, int64_t d, int64_t n, float* sc) {
@@ -117,6 +108,79 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void chunk_accumula
   }
 }
 
+// ---- AVX-512 versions of the two inner loops: the same operations in the same order (so the
+// same bits), with the running sums held in registers. Compiled from plain loops, each step
+// re-loaded and re-stored its sums through memory, a store-to-load chain per key or per
+// dimension that made these two loops ~half of the attention's time at decode shapes. ----
+bool cpu_has_avx512f() {
+  static const bool v = __builtin_cpu_supports("avx512f");
+  return v;
+}
+
+static_assert(kChunk == 64, "chunk_scores_avx512 holds a chunk's scores in 4 vectors");
+
+__attribute__((target("avx512f"))) void chunk_scores_avx512(const float* q, const float* kt,
+                                                            int64_t d, int64_t n, float* sc) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t e = 0; e < d; ++e) {
+    const __m512 qe = _mm512_set1_ps(q[e]);
+    const float* col = kt + e * kChunk;
+    a0 = _mm512_add_ps(a0, _mm512_mul_ps(qe, _mm512_loadu_ps(col)));
+    a1 = _mm512_add_ps(a1, _mm512_mul_ps(qe, _mm512_loadu_ps(col + 16)));
+    a2 = _mm512_add_ps(a2, _mm512_mul_ps(qe, _mm512_loadu_ps(col + 32)));
+    a3 = _mm512_add_ps(a3, _mm512_mul_ps(qe, _mm512_loadu_ps(col + 48)));
+  }
+  const __m512 a[4] = {a0, a1, a2, a3};
+  for (int i = 0; i < 4 && 16 * i < n; ++i) {
+    const int64_t left = n - 16 * i;
+    const __mmask16 m = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+    _mm512_mask_storeu_ps(sc + 16 * i, m, a[i]);
+  }
+}
+
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// acc[0 : 16 V] += sum_j w[j] * rows[j][0 : 16 V], keys in order, zero weights skipped; the
+// value rows are read where they are in the cache (bf16 widened on the fly).
+template <int V, typename Raw>
+__attribute__((target("avx512f"))) void accumulate_rows_avx512(float* acc, const float* w,
+                                                               const Raw* const* rows,
+                                                               int64_t n) {
+  __m512 a[V];
+  for (int i = 0; i < V; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    if (w[j] == 0.f) continue;
+    const __m512 wj = _mm512_set1_ps(w[j]);
+    for (int i = 0; i < V; ++i) a[i] = _mm512_add_ps(a[i], _mm512_mul_ps(wj, load16(rows[j] + 16 * i)));
+  }
+  for (int i = 0; i < V; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+}
+
+template <typename Raw>
+using AccumulateFn = void (*)(float*, const float*, const Raw* const*, int64_t);
+
+// accumulate_rows_avx512 for d = 16 V, V = 1 .. 8 (null otherwise: the buffered path runs).
+template <typename Raw>
+AccumulateFn<Raw> accumulate_rows_for(int64_t d) {
+  switch (d) {
+    case 16: return accumulate_rows_avx512<1, Raw>;
+    case 32: return accumulate_rows_avx512<2, Raw>;
+    case 48: return accumulate_rows_avx512<3, Raw>;
+    case 64: return accumulate_rows_avx512<4, Raw>;
+    case 80: return accumulate_rows_avx512<5, Raw>;
+    case 96: return accumulate_rows_avx512<6, Raw>;
+    case 112: return accumulate_rows_avx512<7, Raw>;
+    case 128: return accumulate_rows_avx512<8, Raw>;
+    default: return nullptr;
+  }
+}
+
 // Scratch reused across work items of one thread.
 struct Scratch {
   std::vector<float> q, acc, m, l, kt, v, s;
@@ -133,15 +197,87 @@ inline bool key_visible(const TreeAttentionParams& p, int64_t pos, int64_t prefi
   return (word >> (k & 31)) & 1u;
 }
 
+// ---- keys transposed 16 at a time in registers (AVX-512) ----
+// A scalar transpose of a 64-key chunk is one strided store per element and cost several times
+// the score arithmetic it feeds (decode: a few query rows per kv head). This is data movement
+// only: the values, hence the scores, are exactly those of the scalar path.
+
+// Transposes r[i][c] (16 rows, 16 columns) in place into r[c][i]: 32-bit then 64-bit interleaves
+// within 128-bit lanes, then two rounds of 128-bit lane shuffles.
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // u[4g + m]: lane k holds column 4k + m of rows 4g .. 4g + 3.
+  __m512 u[16];
+  for (int g = 0; g < 16; g += 4) {
+    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+    const __m512d c = _mm512_castps_pd(t[g + 2]), e = _mm512_castps_pd(t[g + 3]);
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 x = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44);   // lanes 0, 1 of each
+    const __m512 y = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512 x2 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xee);  // lanes 2, 3 of each
+    const __m512 y2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xee);
+    r[m] = _mm512_shuffle_f32x4(x, y, 0x88);        // column m
+    r[4 + m] = _mm512_shuffle_f32x4(x, y, 0xdd);    // column 4 + m
+    r[8 + m] = _mm512_shuffle_f32x4(x2, y2, 0x88);  // column 8 + m
+    r[12 + m] = _mm512_shuffle_f32x4(x2, y2, 0xdd);
+  }
+}
+
+// dst[e * kChunk + i] = key i's element e, for 16 keys at src[i] and d % 16 == 0.
+__attribute__((target("avx512f"))) void transpose_keys16(const float* const* src, int64_t d,
+                                                         float* dst) {
+  for (int64_t e0 = 0; e0 < d; e0 += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src[i] + e0);
+    transpose16(r);
+    for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (e0 + c) * kChunk, r[c]);
+  }
+}
+
+__attribute__((target("avx512f"))) void transpose_keys16(const uint16_t* const* src, int64_t d,
+                                                         float* dst) {
+  for (int64_t e0 = 0; e0 < d; e0 += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[i] + e0));
+      r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    transpose16(r);
+    for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (e0 + c) * kChunk, r[c]);
+  }
+}
+
 template <typename T>
 void load_chunk(const TreeAttentionParams& p, const T* cache, int64_t stride_page,
                 int64_t stride_slot, int64_t stride_head, const int32_t* pages, int64_t kvh,
                 int64_t c0, int64_t n, bool transpose, float* dst) {
   const int64_t d = p.head_dim;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = c0 + j;
-    const T* src = cache + pages[pos / p.page_size] * stride_page +
-                   (pos % p.page_size) * stride_slot + kvh * stride_head;
+  auto key = [&](int64_t pos) {
+    return cache + pages[pos / p.page_size] * stride_page + (pos % p.page_size) * stride_slot +
+           kvh * stride_head;
+  };
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, BFloat16>) {
+    if (transpose && d % 16 == 0 && cpu_has_avx512f()) {
+      using Raw = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+      for (; j + 16 <= n; j += 16) {
+        const Raw* src[16];
+        for (int i = 0; i < 16; ++i) src[i] = reinterpret_cast<const Raw*>(key(c0 + j + i));
+        transpose_keys16(src, d, dst + j);
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    const T* src = key(c0 + j);
     if (transpose) {
       for (int64_t e = 0; e < d; ++e) dst[e * kChunk + j] = to_float(src[e]);
     } else {
@@ -176,6 +312,15 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
 
   s.kt.resize(kChunk * d);
   s.v.resize(kChunk * d);
+  // AVX-512 inner loops (fp32 / bf16 caches, head_dim a multiple of 16 up to 128): value rows
+  // read in place instead of through the s.v buffer.
+  const bool avx512 = cpu_has_avx512f();
+  using Raw = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+  AccumulateFn<Raw> acc_rows = nullptr;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, BFloat16>) {
+    if (avx512) acc_rows = accumulate_rows_for<Raw>(d);
+  }
+  const Raw* vrows[kChunk];
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t nr = std::min(kRowBlock, rows - r0);
     s.q.assign(nr * d, 0.f);
@@ -199,7 +344,8 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t local_i = (r0 + r) / group;
         float* sc = s.s.data() + r * kv_len + c0;
-        chunk_scores(s.q.data() + r * d, s.kt.data(), d, n, sc);
+        if (avx512) chunk_scores_avx512(s.q.data() + r * d, s.kt.data(), d, n, sc);
+        else chunk_scores(s.q.data() + r * d, s.kt.data(), d, n, sc);
         float mx = s.m[r];
         for (int64_t j = 0; j < n; ++j) {
           if (!all_visible && !key_visible(p, c0 + j, prefix, q0 + local_i, local_i)) {
@@ -213,8 +359,17 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
     // Pass 2: weights exp(score - max), their sum in key order, the weighted values.
     for (int64_t c0 = 0; c0 < kv_len; c0 += kChunk) {
       const int64_t n = std::min(kChunk, kv_len - c0);
-      load_chunk(p, vc, p.v_stride_page, p.v_stride_slot, p.v_stride_head, pages, kvh, c0, n,
-                 false, s.v.data());
+      if (acc_rows != nullptr) {
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t pos = c0 + j;
+          vrows[j] = reinterpret_cast<const Raw*>(vc + pages[pos / p.page_size] * p.v_stride_page +
+                                                  (pos % p.page_size) * p.v_stride_slot +
+                                                  kvh * p.v_stride_head);
+        }
+      } else {
+        load_chunk(p, vc, p.v_stride_page, p.v_stride_slot, p.v_stride_head, pages, kvh, c0, n,
+                   false, s.v.data());
+      }
       for (int64_t r = 0; r < nr; ++r) {
         if (s.m[r] == kNegInf) continue;  // nothing visible
         float* w = s.s.data() + r * kv_len + c0;
@@ -222,7 +377,8 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
         float l = s.l[r];
         for (int64_t j = 0; j < n; ++j) l += w[j];
         s.l[r] = l;
-        chunk_accumulate(s.acc.data() + r * d, w, s.v.data(), n, d);
+        if (acc_rows != nullptr) acc_rows(s.acc.data() + r * d, w, vrows, n);
+        else chunk_accumulate(s.acc.data() + r * d, w, s.v.data(), n, d);
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
@@ -348,3 +504,5 @@ std::string tree_attention(const TreeAttentionParams& p) {
 }
 
 }  // namespace specrt::cpu
+
+#pragma GCC diagnostic pop
