@@ -12,7 +12,11 @@ settings, so the speed-up is against an equally optimized baseline. Figures per 
 tokens, wall time, tokens/s, mean accepted length (tokens per verify step), acceptance rate,
 per-depth histogram, and the speed-up over plain decoding at the same temperature. Greedy runs
 check that every proposer's token ids equal plain decoding's. One untimed warm-up request
-precedes each timed run.
+precedes each timed run. With ``--repeats N`` every configuration of a cell (prompt set,
+temperature, batch size) is built first and the cell runs N rounds over all of them in turn;
+each row reports its median round, with every round's tokens/s and whether every round gave the
+same tokens. On a machine whose speed drifts (a shared VM: tens of percent within minutes) this
+keeps one slow window from deciding a comparison; the peers run once each.
 
 Peers: Hugging Face transformers ``generate`` on the same GGUF file (plain, with
 ``prompt_lookup_num_tokens`` and with ``assistant_model``), greedy, same prompts, with the count
@@ -502,6 +506,9 @@ def main(argv=None):
     ap.add_argument("--synthetic-layers", type=int, default=None)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds over every specrt configuration of a cell, interleaved; the "
+                         "median round is reported (with every round's tokens/s)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="model dtype (auto: fp32 on CPU, bf16 on GPU); peers use the same")
@@ -544,11 +551,23 @@ def main(argv=None):
         # "NAME=POLICY" runs NAME under that policy only; other names under every --policies
         runs = [tuple(n.rsplit("=", 1)) if "=" in n else (n, pol) for n in proposers
                 for pol in (["fixed"] if n == "none" or "=" in n else args.policies.split(","))]
+        # Every configuration's engine first, then --repeats rounds over all of them in turn:
+        # this machine's speed drifts by tens of percent within minutes, so a configuration's
+        # figure is the median of rounds spread over the whole cell, not one window of time.
+        built = []
         for name, policy in runs:
             prop = make_proposer(name, model, args, draft)
             eng = Engine(model, tok, prop, max_batch_size=batch, policy=policy,
                          max_draft=max(args.k, getattr(prop, "max_depth", 0)))
-            ids, row = run_engine(eng, prompts, params, chat, batch)
+            built.append((name, policy, prop, eng))
+        rounds = [[run_engine(eng, prompts, params, chat, batch) for _, _, _, eng in built]
+                  for _ in range(args.repeats)]
+        for c, (name, policy, prop, eng) in enumerate(built):
+            reps = sorted((rnd[c] for rnd in rounds), key=lambda ir: ir[1]["tokens_per_s"])
+            ids, row = reps[(len(reps) - 1) // 2]  # the median round (lower median when even)
+            if len(reps) > 1:
+                row["tokens_per_s_rounds"] = [r["tokens_per_s"] for _, r in reps]
+                row["same_tokens_every_round"] = all(i == ids for i, _ in reps)
             row.update({"prompt_set": set_name, "temperature": temp, "proposer": name,
                         "batch": batch})
             # counters of proposers that keep them (cascades: tails, forwards saved; warm-up included)
@@ -609,11 +628,15 @@ def main(argv=None):
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     lines = [f"# e2e ({result['env'].get('device', device.type)}), {result['env'].get('date', '')}",
              f"command: `{result['env'].get('command', ' '.join(sys.argv))}`, git {git_label(git)}", "",
+             *([f"specrt rows: median of {args.repeats} interleaved rounds (min-max in brackets)", ""]
+               if args.repeats > 1 else []),
              "| prompts | T | batch | system | tok/s | speed-up | mean acc. len | acceptance | per-depth acceptance | rows / fwd | target ms / fwd | greedy == plain |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         pol = f" ({r['policy']})" if r.get("policy") and r["proposer"] != "none" else ""
-        lines.append(f"| {r['prompt_set']} | {r['temperature']} | {r['batch']} | specrt {r['proposer']}{pol} | {r['tokens_per_s']:.1f} | "
+        rounds = r.get("tokens_per_s_rounds")
+        spread = f" ({min(rounds):.1f}-{max(rounds):.1f})" if rounds else ""
+        lines.append(f"| {r['prompt_set']} | {r['temperature']} | {r['batch']} | specrt {r['proposer']}{pol} | {r['tokens_per_s']:.1f}{spread} | "
                      f"{r.get('speedup_vs_plain', 1):.2f} | {r['mean_accepted_length']:.2f} | "
                      f"{r['acceptance_rate']:.1%} | {' '.join(f'{a:.2f}' for a in r['depth_acceptance'][:5])} | "
                      f"{r.get('rows_per_forward', 0):.1f} | {r.get('target_ms_per_forward', 0):.1f} | "

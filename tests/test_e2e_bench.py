@@ -132,3 +132,48 @@ def test_e2e_refuses_a_dirty_tree(monkeypatch, tmp_path, capsys):
     out = tmp_path / "out"
     assert e2e.main(["--device", "cpu", "--out", str(out)]) == 2  # before any model is loaded
     assert "--allow-dirty" in capsys.readouterr().err and not out.exists()
+
+
+def test_repeats_interleave_rounds_and_report_the_median(monkeypatch, tmp_path):
+    """--repeats N: every configuration of a cell is built first, the cell runs N rounds over
+    all of them in turn, and each row is its median round (with every round's tokens/s)."""
+    calls = []
+    speeds = {"none": [10.0, 30.0, 20.0], "ngram:2:1": [50.0, 40.0, 60.0]}
+
+    class _Eng:
+        costs = None
+
+        def __init__(self, model, tok, prop, **kw):
+            self.name = prop
+
+    def fake_run(eng, prompts, params, chat, batch=1):
+        calls.append(eng.name)
+        tps = speeds[eng.name][sum(c == eng.name for c in calls) - 1]
+        ids = [[1, 2, 3]] * len(prompts)
+        return ids, {"generated": 3, "wall_s": 3 / tps, "tokens_per_s": tps,
+                     "mean_accepted_length": 1.0, "acceptance_rate": 0.0, "depth_hist": [1],
+                     "depth_acceptance": [], "host_ms_per_step": 0.0, "rows_per_forward": 1.0,
+                     "target_ms_per_forward": 1.0, "budgets": {}, "policy": "fixed",
+                     "calibration": None}
+
+    monkeypatch.setattr(common, "git_state", lambda repo=None, package=None: {
+        "commit": "a" * 40, "dirty": False, "dirty_files": [], "untracked": 0,
+        "package_dir": None, "package_outside_repo": False})
+    monkeypatch.setattr(e2e, "resolve_model", lambda name: name)
+    monkeypatch.setattr(e2e, "load_model", lambda *a, **k: (types.SimpleNamespace(dtype=torch.float32), None))
+    monkeypatch.setattr(e2e, "make_proposer", lambda name, *a, **k: name)
+    monkeypatch.setattr(e2e, "Engine", _Eng)
+    monkeypatch.setattr(e2e, "run_engine", fake_run)
+    out = tmp_path / "out"
+    assert e2e.main(["--device", "cpu", "--out", str(out), "--proposers", "none,ngram:2:1",
+                     "--policies", "fixed", "--prompt-sets", "chat", "--num-prompts", "1",
+                     "--temperatures", "0", "--repeats", "3"]) == 0
+    assert calls == ["none", "ngram:2:1"] * 3  # rounds interleaved, not one config after another
+    import json
+    runs = json.loads(next(out.glob("*.json")).read_text())["runs"]
+    by = {r["proposer"]: r for r in runs}
+    assert by["none"]["tokens_per_s"] == 20.0 and by["ngram:2:1"]["tokens_per_s"] == 50.0
+    assert by["none"]["tokens_per_s_rounds"] == [10.0, 20.0, 30.0]
+    assert by["ngram:2:1"]["speedup_vs_plain"] == pytest.approx(2.5)
+    assert by["ngram:2:1"]["same_tokens_every_round"] and by["ngram:2:1"]["greedy_equals_plain"]
+    assert "(40.0-60.0)" in next(out.glob("*.md")).read_text()
