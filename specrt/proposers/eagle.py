@@ -72,11 +72,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..batch import AttentionMetadata
 from ..kv_cache import PagedKVCache, build_metadata
 from ..tree import DraftTree
 from .base import Proposer
+from .draft_block import DraftBlock, rms_norm
 
 __all__ = ["EagleConfig", "EagleHead", "EagleProposer", "load_eagle_head", "save_eagle_head",
            "eagle3_feature_layers", "EagleCheckpointError"]
@@ -166,26 +166,13 @@ class EagleConfig:
                                    else eagle3_feature_layers(c.num_layers)))
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    d = x.shape[-1]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-class EagleHead(nn.Module):
+class EagleHead(DraftBlock):
     """The trainable part of an EAGLE head (fc, one decoder layer, and for EAGLE-3 the final
     norm, LM head and vocabulary maps). The target's embedding (and for EAGLE-1 its LM head)
     are passed in, never copied.
 
-    The layer is exposed in pieces so that the paged inference path
-    (:meth:`paged_forward`) and the training code's dense attention (``specrt.train.eagle``)
-    share every weight and every numeric step except the attention itself:
+    The layer is a :class:`DraftBlock` (pieces shared by the paged inference path and the
+    training code's dense attention, ``specrt.train.eagle``):
     :meth:`inputs` -> :meth:`qkv` -> attention -> :meth:`finish` -> :meth:`logits`.
     """
 
@@ -231,26 +218,12 @@ class EagleHead(nn.Module):
             return x, x
         if h.shape[-1] != c.hidden_size:
             h = F.linear(h.to(emb.dtype), self.fc_weight, self.fc_bias)
-        a = torch.cat((_rms(emb, self.input_norm, c.rms_norm_eps),
-                       _rms(h, self.hidden_norm, c.rms_norm_eps)), dim=-1)
+        a = torch.cat((rms_norm(emb, self.input_norm, c.rms_norm_eps),
+                       rms_norm(h, self.hidden_norm, c.rms_norm_eps)), dim=-1)
         return a, h
 
-    def qkv(self, a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
-        """Rotated q [n, Hq, D], k [n, Hkv, D] and v [n, Hkv, D] (``cos``/``sin`` [n, 1, D/2])."""
-        c = self.cfg
-        n = a.shape[0]
-        qkv = F.linear(a, self.qkv_weight, self.qkv_bias)
-        qk = _rope(qkv[:, : c.q_size + c.kv_size].view(n, c.num_heads + c.num_kv_heads,
-                                                       c.head_dim), cos, sin)
-        return (qk[:, : c.num_heads], qk[:, c.num_heads:],
-                qkv[:, c.q_size + c.kv_size:].view(n, c.num_kv_heads, c.head_dim))
-
-    def finish(self, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Output hidden state from the residual and the attention output [n, Hq * D]."""
-        x = residual + F.linear(attn, self.o_weight)
-        gate, up = F.linear(_rms(x, self.post_norm, self.cfg.rms_norm_eps),
-                            self.gate_up_weight).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_weight)
+    def block_inputs(self, emb: torch.Tensor, h: torch.Tensor) -> tuple:
+        return self.inputs(emb, h)
 
     def logits(self, h: torch.Tensor, target_lm_head: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32 logits over the draft vocabulary."""
@@ -258,41 +231,13 @@ class EagleHead(nn.Module):
             if target_lm_head is None:
                 raise ValueError("EAGLE-1 logits need the target's LM head")
             return F.linear(h, target_lm_head).float()
-        return F.linear(_rms(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
 
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Target token ids of draft-vocabulary ids."""
         if self.cfg.variant == "eagle1":
             return draft_ids
         return draft_ids + self.d2t[draft_ids]
-
-    # -- paged inference ----------------------------------------------------------------------
-    def paged_forward(self, emb, h, cos, sin, kv: torch.Tensor, attn: AttentionMetadata,
-                      rows: Optional[torch.Tensor] = None):
-        """One head pass over a ragged batch of new tokens on a one-layer paged cache
-        ``kv`` [1, 2, pages, page_size, Hkv, D] (their K/V are written first).
-
-        ``rows`` (int64 [m], optional): only these of the ``attn``'s N query rows are new;
-        ``emb`` / ``h`` / ``cos`` / ``sin`` then hold those m rows, the other rows' K/V must
-        already sit at their slots (``attn.slot_mapping`` -1 there: not rewritten) and their
-        outputs are not computed. Returns the output hidden states of the computed rows.
-        """
-        a, res = self.inputs(emb, h)
-        q, k, v = self.qkv(a, cos, sin)
-        if rows is not None:
-            n = attn.slot_mapping.shape[0]
-            qf = q.new_zeros((n,) + q.shape[1:])
-            kf = k.new_zeros((n,) + k.shape[1:])
-            vf = v.new_zeros((n,) + v.shape[1:])
-            qf[rows], kf[rows], vf[rows] = q, k, v
-            q, k, v = qf, kf, vf
-        ops.append_kv(k, v, kv[0, 0], kv[0, 1], attn.slot_mapping, validate=not attn.trusted)
-        o = ops.tree_attention(q, kv[0, 0], kv[0, 1], attn.block_table, attn.seq_lens,
-                               attn.qo_indptr, attn.mask, sm_scale=self.cfg.head_dim ** -0.5,
-                               validate=not attn.trusted)
-        if rows is not None:
-            o = o[rows]
-        return self.finish(res, o.reshape(o.shape[0], -1))
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,12 +68,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..batch import AttentionMetadata
 from ..kv_cache import PagedKVCache, build_metadata
 from ..tree import DraftTree
 from .base import Proposer
-from .eagle import _pack_rows, _rms, _rope
+from .draft_block import DraftBlock, rms_norm
+from .eagle import _pack_rows
 
 __all__ = ["MTPConfig", "MTPLayer", "MTPModules", "MTPProposer", "MTPCheckpointError",
            "load_mtp_modules", "save_mtp_modules", "default_mtp_modules", "from_args"]
@@ -128,12 +127,12 @@ class MTPConfig:
                    feed_normed=feed_normed)
 
 
-class MTPLayer(nn.Module):
+class MTPLayer(DraftBlock):
     """One MTP module: input norms and projection, a decoder layer, the final norm.
 
-    Exposed in pieces so that the paged path (:meth:`paged_forward`) and the training code's
-    dense attention (``specrt.train.mtp``) share every step but the attention:
-    :meth:`inputs` -> :meth:`qkv` -> attention -> :meth:`finish` -> :meth:`normed`.
+    A :class:`DraftBlock` (pieces shared by the paged path and the training code's dense
+    attention, ``specrt.train.mtp``): :meth:`inputs` -> :meth:`qkv` (after ``input_norm``) ->
+    attention -> :meth:`finish` -> :meth:`normed`.
     ``proj`` columns are ``[hidden | token]`` (MiMo's order; DeepSeek's is swapped on load).
     """
 
@@ -161,55 +160,23 @@ class MTPLayer(nn.Module):
     def inputs(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Block input ``x`` [n, H] from token embeddings and previous hidden states [n, H]."""
         eps = self.cfg.rms_norm_eps
-        return F.linear(torch.cat((_rms(h.to(emb.dtype), self.hidden_norm, eps),
-                                   _rms(emb, self.token_norm, eps)), dim=-1), self.proj)
+        return F.linear(torch.cat((rms_norm(h.to(emb.dtype), self.hidden_norm, eps),
+                                   rms_norm(emb, self.token_norm, eps)), dim=-1), self.proj)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
-        """Rotated q [n, Hq, D], k [n, Hkv, D], v [n, Hkv, D] of block inputs ``x``."""
-        c = self.cfg
-        n = x.shape[0]
-        qkv = F.linear(_rms(x, self.input_norm, c.rms_norm_eps), self.qkv_weight, self.qkv_bias)
-        qk = _rope(qkv[:, : c.q_size + c.kv_size].view(n, c.num_heads + c.num_kv_heads,
-                                                       c.head_dim), cos, sin)
-        return (qk[:, : c.num_heads], qk[:, c.num_heads:],
-                qkv[:, c.q_size + c.kv_size:].view(n, c.num_kv_heads, c.head_dim))
+    def block_inputs(self, emb: torch.Tensor, h: torch.Tensor) -> tuple:
+        x = self.inputs(emb, h)
+        return x, x
 
-    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Block output from its input and the attention output [n, Hq * D]."""
-        x = x + F.linear(attn, self.o_weight)
-        gate, up = F.linear(_rms(x, self.post_norm, self.cfg.rms_norm_eps),
-                            self.gate_up_weight).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_weight)
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.input_norm, self.cfg.rms_norm_eps)
 
     def normed(self, out: torch.Tensor) -> torch.Tensor:
         """``final_norm(out)``: what the shared LM head reads."""
-        return _rms(out, self.final_norm, self.cfg.rms_norm_eps)
+        return rms_norm(out, self.final_norm, self.cfg.rms_norm_eps)
 
     def feed(self, out: torch.Tensor) -> torch.Tensor:
         """The hidden state the next module (or this one, recursively) reads."""
         return self.normed(out) if self.cfg.feed_normed else out
-
-    def paged_forward(self, emb, h, cos, sin, kv: torch.Tensor, attn: AttentionMetadata,
-                      rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One pass over a ragged batch on a one-layer paged cache ``kv`` [1, 2, pages,
-        page_size, Hkv, D]. ``rows`` (optional): only these of the ``attn``'s query rows are
-        new (``emb`` / ``h`` / ``cos`` / ``sin`` hold those); the others' K/V already sit at
-        their slots (slot -1 in ``attn``) and their outputs are not computed. Returns the
-        block outputs of the computed rows."""
-        x = self.inputs(emb, h)
-        q, k, v = self.qkv(x, cos, sin)
-        if rows is not None:
-            n = attn.slot_mapping.shape[0]
-            qf, kf, vf = (t.new_zeros((n,) + t.shape[1:]) for t in (q, k, v))
-            qf[rows], kf[rows], vf[rows] = q, k, v
-            q, k, v = qf, kf, vf
-        ops.append_kv(k, v, kv[0, 0], kv[0, 1], attn.slot_mapping, validate=not attn.trusted)
-        o = ops.tree_attention(q, kv[0, 0], kv[0, 1], attn.block_table, attn.seq_lens,
-                               attn.qo_indptr, attn.mask, sm_scale=self.cfg.head_dim ** -0.5,
-                               validate=not attn.trusted)
-        if rows is not None:
-            o = o[rows]
-        return self.finish(x, o.reshape(o.shape[0], -1))
 
 
 class MTPModules(nn.Module):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..proposers.eagle import EagleConfig, EagleHead, save_eagle_head
-from .base import Method
+from .base import ChainDraftMethod
 
 __all__ = ["Eagle3Method", "Eagle1Method", "EagleTrainModule", "ttt_forward", "ttt_attention",
            "draft_vocab_maps", "init_head"]
@@ -205,7 +205,7 @@ def init_head(head: EagleHead, *, lm_head_rows=None, norm_weight=None, generator
 # --------------------------------------------------------------------------------------------
 
 
-class _EagleMethod(Method):
+class _EagleMethod(ChainDraftMethod):
     variant = "?"
 
     def __init__(self, target, *, length: int, eval_length: int, device="cpu"):
@@ -227,46 +227,19 @@ class _EagleMethod(Method):
         return EagleTrainModule(head, self.embed, self.cos, self.sin,
                                 self.lm_head if self.variant == "eagle1" else None)
 
-    @staticmethod
-    def _crop(batch: dict) -> dict:
-        """Drop the columns past the longest row of the batch (all padding)."""
-        tok = batch["tokens"]
-        real = (tok >= 0).sum(1)
-        s = max(int(real.max()), 2) if real.numel() else tok.shape[1]
-        if s >= tok.shape[1]:
-            return batch
-        return {k: (v[:, :s] if torch.is_tensor(v) and v.dim() >= 2 else v)
-                for k, v in batch.items()}
-
     def _prepare(self, batch: dict, train: bool) -> tuple:
         """``(cropped batch, n, features)``: ``n`` head positions per row (S - 1)."""
-        batch = self._crop(batch)
+        batch = self.crop(batch)
         n = batch["tokens"].shape[1] - 1
         if n < 1:
             raise ValueError("sequence length 1 leaves no EAGLE target")
         return batch, n, self._features(batch, train=train)
 
-    @torch.no_grad()
     def _target_argmax(self, batch: dict) -> torch.Tensor:
         """The target's greedy next token at every position [B, S] (-1 on padding)."""
         if "argmax" in batch:
             return batch["argmax"]
-        hid, tok = batch["hidden"], batch["tokens"]
-        b, s, hs = hid.shape
-        flat = hid.reshape(-1, hs)
-        am = torch.cat([(flat[i:i + 2048].float() @ self.lm_head.t()).argmax(-1)
-                        for i in range(0, flat.shape[0], 2048)]).reshape(b, s)
-        return torch.where(tok >= 0, am, torch.full_like(am, -1))
-
-    @staticmethod
-    def _shift(x: torch.Tensor, s: int, n: int, fill) -> torch.Tensor:
-        """``x[:, s:s + n]`` padded with ``fill`` to length ``n`` along dim 1."""
-        y = x[:, s:s + n]
-        if y.shape[1] < n:
-            pad = torch.full((x.shape[0], n - y.shape[1], *x.shape[2:]), fill, dtype=x.dtype,
-                             device=x.device)
-            y = torch.cat([y, pad], dim=1)
-        return y
+        return self.target_argmax(batch["hidden"], self.lm_head, batch["tokens"])
 
     def _labels(self, batch: dict, steps: int) -> tuple:
         """Per step ``s``: (inside [B, n] bool: position ``i + 1 + s`` is a real token, label
@@ -276,8 +249,8 @@ class _EagleMethod(Method):
         am = self._target_argmax(batch)
         inside, labels = [], []
         for s in range(steps):
-            t = self._shift(tok, 1 + s, n, -1)
-            a = self._shift(am, 1 + s, n, -1)
+            t = self.shift(tok, 1 + s, n, -1)
+            a = self.shift(am, 1 + s, n, -1)
             ins = (t >= 0) & (a >= 0)
             lab = torch.where(ins, self.t2d_col[a.clamp(min=0)], torch.full_like(a, -1))
             inside.append(ins)
@@ -294,43 +267,12 @@ class _EagleMethod(Method):
         head = getattr(module, "head", module)
         lm = self.lm_head if self.variant == "eagle1" else None
         inside, labels = self._labels(batch, steps)
-        k = self.eval_length
-        top1 = torch.zeros(k)
-        top5 = torch.zeros(k)
-        chain = torch.zeros(k)
-        total = torch.zeros(k)
-        ok_chain = torch.ones_like(inside[0])
+        tops = []
         for s in range(steps):
             hs = hiddens[s]
             lg = head.logits(hs.reshape(-1, hs.shape[-1]), lm).reshape(*hs.shape[:2], -1)
-            lab, ins = labels[s], inside[s]
-            r = min(5, lg.shape[-1])
-            top = lg.topk(r, dim=-1).indices
-            hit = (top[..., 0] == lab) & (lab >= 0)
-            hit5 = ((top == lab.unsqueeze(-1)).any(-1)) & (lab >= 0)
-            ok_chain = ok_chain & hit
-            top1[s] = (hit & ins).sum().float().cpu()
-            top5[s] = (hit5 & ins).sum().float().cpu()
-            chain[s] = (ok_chain & ins).sum().float().cpu()
-            total[s] = ins.sum().float().cpu()
-        return {"top1_hits": top1, "top5_hits": top5, "chain_hits": chain, "targets": total}
-
-    def summarize(self, counters: dict) -> dict:
-        tot = counters["targets"].double().clamp(min=1)
-        top1 = counters["top1_hits"].double() / tot
-        chain = counters["chain_hits"].double() / tot
-        return {
-            "targets": [int(t) for t in counters["targets"].tolist()],
-            "top1": [round(float(a), 4) for a in top1],
-            "top5": [round(float(a), 4) for a in counters["top5_hits"].double() / tot],
-            "chain": [round(float(a), 4) for a in chain],
-            # expected accepted drafts of a greedy chain of eval_length tokens
-            "expected_accepted": round(float(chain.sum()), 4),
-        }
-
-    def format_metrics(self, m: dict) -> str:
-        acc = (m["top1_hits"] / m["targets"].clamp(min=1)).tolist()
-        return "top1 " + " ".join(f"{a:.3f}" for a in acc)
+            tops.append(lg.topk(min(5, lg.shape[-1]), dim=-1).indices)
+        return self.chain_counters(tops, labels, inside)
 
     def save(self, module: nn.Module, out_dir, extra_config: Optional[dict] = None,
              dtype=torch.float16, **_) -> None:
@@ -401,7 +343,7 @@ class Eagle3Method(_EagleMethod):
         sums, counts, hits, total = [], [], [], []
         for s in range(self.length):
             valid = inside[s] & (labels[s] >= 0)
-            p = self._shift(tp, s, n, 0.0)
+            p = self.shift(tp, s, n, 0.0)
             lp = torch.log_softmax(logits[s], dim=-1)
             ce = -(p * lp).sum(-1)
             sums.append((ce * valid).sum())

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..proposers.mtp import MTPConfig, MTPModules, save_mtp_modules
 from . import dist
-from .base import Method
+from .base import ChainDraftMethod
 from .data import DataError
 from .eagle import ttt_attention
 from .trainer import TrainConfig
@@ -157,7 +157,7 @@ def init_modules(mods: MTPModules, generator=None) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class MTPMethod(Method):
+class MTPMethod(ChainDraftMethod):
     """D MTP modules on a frozen target.
 
     Parameters
@@ -208,27 +208,8 @@ class MTPMethod(Method):
     def term_weights(self) -> torch.Tensor:
         return torch.tensor(self.lambdas, dtype=torch.float32)
 
-    @staticmethod
-    def _crop(batch: dict) -> dict:
-        tok = batch["tokens"]
-        real = (tok >= 0).sum(1)
-        s = max(int(real.max()), 2) if real.numel() else tok.shape[1]
-        if s >= tok.shape[1]:
-            return batch
-        return {k: (v[:, :s] if torch.is_tensor(v) and v.dim() >= 2 else v)
-                for k, v in batch.items()}
-
-    @staticmethod
-    def _shift(x: torch.Tensor, s: int, n: int, fill) -> torch.Tensor:
-        y = x[:, s:s + n]
-        if y.shape[1] < n:
-            pad = torch.full((x.shape[0], n - y.shape[1], *x.shape[2:]), fill, dtype=x.dtype,
-                             device=x.device)
-            y = torch.cat([y, pad], dim=1)
-        return y
-
     def loss_terms(self, module: nn.Module, batch: dict) -> tuple:
-        batch = self._crop(batch)
+        batch = self.crop(batch)
         tok, hid = batch["tokens"], batch["hidden"]
         n = tok.shape[1] - 1
         if n < 1:
@@ -239,22 +220,22 @@ class MTPMethod(Method):
             am = tl.argmax(-1)
         sums, counts, hits, total = [], [], [], []
         for k in range(self.num_modules):
-            inp = self._shift(tok, 1 + k, n, -1)  # module k's input token at row i
+            inp = self.shift(tok, 1 + k, n, -1)  # module k's input token at row i
             lg = torch.log_softmax(logits[k], dim=-1)
             if self.labels == "target":
                 valid = inp >= 0
                 with torch.no_grad():
-                    p = torch.softmax(self._shift(tl, 1 + k, n, 0.0), dim=-1)
+                    p = torch.softmax(self.shift(tl, 1 + k, n, 0.0), dim=-1)
                 ce = -(p * lg).sum(-1)
             else:
-                nxt = self._shift(tok, 2 + k, n, -1)
+                nxt = self.shift(tok, 2 + k, n, -1)
                 lab = torch.where(nxt >= 0, self.col[nxt.clamp(min=0)], torch.full_like(nxt, -1))
                 valid = (inp >= 0) & (lab >= 0)
                 ce = -lg.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             sums.append((ce * valid).sum())
             counts.append(valid.sum())
             with torch.no_grad():
-                want = self._shift(am, 1 + k, n, -1)
+                want = self.shift(am, 1 + k, n, -1)
                 hits.append(((logits[k].argmax(-1) == want) & (inp >= 0)).sum())
                 total.append((inp >= 0).sum())
         metrics = {"top1_hits": torch.stack(hits).float(), "targets": torch.stack(total).float()}
@@ -262,46 +243,21 @@ class MTPMethod(Method):
 
     @torch.no_grad()
     def eval_counters(self, module: nn.Module, batch: dict) -> dict:
-        batch = self._crop(batch)
+        batch = self.crop(batch)
         tok, hid = batch["tokens"], batch["hidden"]
         n = tok.shape[1] - 1
         _, outs = module(hid[:, :n], tok, want_logits=False)
         mods = getattr(module, "mods", module)
         b = tok.shape[0]
         # the target's greedy token at every position, full vocabulary
-        flat = hid.reshape(-1, hid.shape[-1]).float()
-        am = torch.cat([(flat[i:i + 2048] @ self.lm_head.t()).argmax(-1)
-                        for i in range(0, flat.shape[0], 2048)]).reshape(b, -1)
-        d = self.num_modules
-        top1, top5, chain, total = (torch.zeros(d) for _ in range(4))
-        ok = torch.ones(b, n, dtype=torch.bool, device=tok.device)
+        am = self.target_argmax(hid, self.lm_head, tok)
+        tops, wants, inside = [], [], []
         for k, layer in enumerate(mods.layers):
-            o = outs[k]
-            lg = mods.logits(layer.normed(o.reshape(b * n, -1)), self.lm_head).reshape(b, n, -1)
-            top = mods.to_target(lg.topk(min(5, lg.shape[-1]), dim=-1).indices)
-            inp = self._shift(tok, 1 + k, n, -1)
-            want = self._shift(am, 1 + k, n, -1)
-            ins = inp >= 0
-            hit = (top[..., 0] == want) & ins
-            ok = ok & hit
-            top1[k] = hit.sum().float().cpu()
-            top5[k] = ((top == want.unsqueeze(-1)).any(-1) & ins).sum().float().cpu()
-            chain[k] = (ok & ins).sum().float().cpu()
-            total[k] = ins.sum().float().cpu()
-        return {"top1_hits": top1, "top5_hits": top5, "chain_hits": chain, "targets": total}
-
-    def summarize(self, counters: dict) -> dict:
-        tot = counters["targets"].double().clamp(min=1)
-        chain = counters["chain_hits"].double() / tot
-        return {"targets": [int(t) for t in counters["targets"].tolist()],
-                "top1": [round(float(a), 4) for a in counters["top1_hits"].double() / tot],
-                "top5": [round(float(a), 4) for a in counters["top5_hits"].double() / tot],
-                "chain": [round(float(a), 4) for a in chain],
-                "expected_accepted": round(float(chain.sum()), 4)}
-
-    def format_metrics(self, m: dict) -> str:
-        acc = (m["top1_hits"] / m["targets"].clamp(min=1)).tolist()
-        return "top1 " + " ".join(f"{a:.3f}" for a in acc)
+            lg = mods.logits(layer.normed(outs[k].reshape(b * n, -1)), self.lm_head).reshape(b, n, -1)
+            tops.append(mods.to_target(lg.topk(min(5, lg.shape[-1]), dim=-1).indices))
+            inside.append(self.shift(tok, 1 + k, n, -1) >= 0)
+            wants.append(self.shift(am, 1 + k, n, -1))
+        return self.chain_counters(tops, wants, inside)
 
     def save(self, module: nn.Module, out_dir, extra_config: Optional[dict] = None,
              dtype=torch.float16, **_) -> None:
