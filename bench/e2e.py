@@ -14,8 +14,8 @@ per-depth histogram, and the speed-up over plain decoding at the same temperatur
 check that every proposer's token ids equal plain decoding's. One untimed warm-up request
 precedes each timed run. With ``--repeats N`` every configuration of a cell (prompt set,
 temperature, batch size) is built first and the cell runs N rounds over all of them in turn;
-each row reports its median round, with every round's tokens/s and whether every round gave the
-same tokens. On a machine whose speed drifts (a shared VM: tens of percent within minutes) this
+each row reports its median round, with every round's tokens/s (in round order, so rows can be
+compared round by round) and whether every round gave the same tokens. On a machine whose speed drifts (a shared VM: tens of percent within minutes) this
 keeps one slow window from deciding a comparison; the peers run once each.
 
 Peers: Hugging Face transformers ``generate`` on the same GGUF file (plain, with
@@ -563,8 +563,9 @@ def main(argv=None):
         rounds = [[run_engine(eng, prompts, params, chat, batch) for _, _, _, eng in built]
                   for _ in range(args.repeats)]
         for c, (name, policy, prop, eng) in enumerate(built):
-            reps = sorted((rnd[c] for rnd in rounds), key=lambda ir: ir[1]["tokens_per_s"])
-            ids, row = reps[(len(reps) - 1) // 2]  # the median round (lower median when even)
+            reps = [rnd[c] for rnd in rounds]  # in round order
+            ranked = sorted(reps, key=lambda ir: ir[1]["tokens_per_s"])
+            ids, row = ranked[(len(ranked) - 1) // 2]  # the median round (lower median when even)
             if len(reps) > 1:
                 row["tokens_per_s_rounds"] = [r["tokens_per_s"] for _, r in reps]
                 row["same_tokens_every_round"] = all(i == ids for i, _ in reps)

@@ -5,7 +5,9 @@ Measured per engine (device, model, dtype, page size, proposer and its settings)
 - **verify**: the target forward over ``n`` tree rows for each of ``B`` sequences with a
   128-token context, on a grid of batch sizes (1, 2, 4, ... up to ``max_batch_size``) and rows
   per sequence (1 .. ``max_tree_nodes``), coarse grid first, then refined while the time
-  budget lasts; total rows are capped (the table extrapolates linearly past them);
+  budget lasts; total rows are capped (the table extrapolates linearly past them). Each shape
+  is timed as a ratio to the 1-row forward of its batch size timed just before it (a drifting
+  machine speed cancels out), the small shapes most often;
 - **drafting and host overhead**: short engine runs with the proposer at fixed budgets (plain,
   a depth-1 chain, the deepest chain, the widest tree) on synthetic prompts (random tokens
   with a repeated stretch, so n-gram style proposers find matches), at batch 1 and at a larger
@@ -47,7 +49,8 @@ _NODE_COARSE = (1, 2, 4, 8, 16, 32, 64)
 _NODE_FINE = (3, 5, 6, 10, 12, 24, 48)
 _PREFIX = 128
 _ROW_CAP = 512
-_VERSION = 4  # 2: row-major grid; 3: CPU GEMM (ops.linear); 4: interleaved passes, isotonic
+_VERSION = 5  # 2: row-major grid; 3: CPU GEMM (ops.linear); 4: interleaved passes, isotonic;
+#              5: each shape timed as a ratio to the 1-row shape timed just before it
 
 
 def cache_dir() -> Path:
@@ -189,12 +192,17 @@ def _isotonic(ys: list) -> list:
 
 @torch.no_grad()
 def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
-                 reps: int = 3) -> dict:
-    """``{(B, n): seconds}``: the median of up to ``reps`` timings per shape, taken in
-    interleaved passes over the grid (a slow spell of a shared machine then touches every
-    shape alike instead of a few), after one untimed forward per shape (a new GEMM shape's
-    first call pays for its setup); then made non-decreasing in the row count per batch size.
-    The first pass always covers a coarse grid; later passes run while time remains."""
+                 reps: int = 3, small_reps: int = 9, small: int = 8) -> dict:
+    """``{(B, n): seconds}`` for B sequences of n rows each, after one untimed forward per
+    shape (a new GEMM shape's first call pays for its setup).
+
+    A shared machine's speed drifts by tens of percent within seconds, more than the cost of a
+    few extra rows, so each shape with n > 1 is timed right after the 1-row shape of its batch
+    size and recorded as the ratio of the two: ``t(B, n) = median t(B, 1) x median ratio``.
+    Passes over the grid are interleaved (a slow spell touches every shape alike); the first
+    covers a coarse grid, later ones run while time remains: up to ``reps`` timings of every
+    shape, then up to ``small_reps`` of the shapes with ``n <= small`` (what the policy chooses
+    among on a CPU). The result is made non-decreasing in the row count per batch size."""
     cfg = model.config
     max_b, max_n = max(batch_sizes), max(node_sizes)
     page = 16
@@ -205,7 +213,8 @@ def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
         cache.add_sequence(s)
         cache.reserve(s, _PREFIX + max_n)
         cache.commit(s, _PREFIX)
-    times: dict = {}
+    base: dict = {B: [] for B in batch_sizes}  # t(B, 1) samples
+    ratios: dict = {}  # (B, n) -> [t(B, n) / t(B, 1) timed just before]
 
     def run(B, n):
         tree = DraftTree([1] * n, [-1] + [(i - 1) // 2 for i in range(1, n)])
@@ -217,6 +226,11 @@ def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
         _sync(device)
         return time.perf_counter() - t
 
+    def sample(B, n):
+        ref = run(B, 1)
+        base[B].append(ref)
+        ratios.setdefault((B, n), []).append(1.0 if n == 1 else run(B, n) / ref)
+
     run(1, 1)  # warm-up
     coarse = [n for n in _NODE_COARSE if n < max_n] + [max_n]
     fine = [n for n in _NODE_FINE if n < max_n and n not in coarse]
@@ -226,23 +240,24 @@ def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
     for grid in (coarse, fine):
         for n in grid:
             for B in batch_sizes:
-                if (B, n) in times or n not in node_sizes:
+                if (B, n) in ratios or n not in node_sizes:
                     continue
                 if B * n > _ROW_CAP and n != 1:
                     continue
-                if time.perf_counter() > deadline and sum(k[0] == B for k in times) >= 3:
+                if time.perf_counter() > deadline and sum(k[0] == B for k in ratios) >= 3:
                     continue
                 run(B, n)
-                times[(B, n)] = [run(B, n)]
-    for _ in range(reps - 1):
-        if time.perf_counter() > deadline:
-            break
-        for shape in times:
-            times[shape].append(run(*shape))
+                sample(B, n)
+    for shapes, count in ((list(ratios), reps), ([k for k in ratios if k[1] <= small], small_reps)):
+        while time.perf_counter() <= deadline and min(len(ratios[k]) for k in shapes) < count:
+            for shape in shapes:
+                if len(ratios[shape]) < count:
+                    sample(*shape)
     out: dict = {}
     for B in batch_sizes:
-        ns = sorted(n for b, n in times if b == B)
-        for n, t in zip(ns, _isotonic([statistics.median(times[(B, n)]) for n in ns])):
+        ns = sorted(n for b, n in ratios if b == B)
+        t1 = statistics.median(base[B]) if base[B] else 0.0
+        for n, t in zip(ns, _isotonic([t1 * statistics.median(ratios[(B, n)]) for n in ns])):
             out[(B, n)] = t
     return out
 
