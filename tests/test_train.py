@@ -197,6 +197,9 @@ def _ddp_worker(rank, world, tmp):
         res = run(_ddp_cfg(tmp, name="ddp-out", fsdp=True), model=model, tokenizer=ByteTok())
         if rank == 0:
             torch.save(res["history"], f"{tmp}/ddp-history.pt")
+        # both ranks done before either tears gloo down (a rank leaving while the other still
+        # has gloo work in flight aborted once: "terminate called without an active exception")
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

@@ -324,6 +324,7 @@ def _ddp_worker(rank, world, tmp):
         res = run(_ddp_cfg(tmp, name="ddp-out", fsdp=True), model=model, tokenizer=ByteTok())
         if rank == 0:
             torch.save(res["history"], f"{tmp}/ddp-history.pt")
+        torch.distributed.barrier()  # see tests/test_train.py::_ddp_worker
     finally:
         torch.distributed.destroy_process_group()
 
