@@ -232,28 +232,26 @@ __attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
   }
 }
 
-// dst[e * kChunk + i] = key i's element e, for 16 keys at src[i] and d % 16 == 0.
-__attribute__((target("avx512f"))) void transpose_keys16(const float* const* src, int64_t d,
+// dst[e * kChunk + i] = key i's element e, for 16 keys at src[i] and d % 16 == 0 (bf16 widened
+// by load16).
+template <typename Raw>
+__attribute__((target("avx512f"))) void transpose_keys16(const Raw* const* src, int64_t d,
                                                          float* dst) {
   for (int64_t e0 = 0; e0 < d; e0 += 16) {
     __m512 r[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src[i] + e0);
+    for (int i = 0; i < 16; ++i) r[i] = load16(src[i] + e0);
     transpose16(r);
     for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (e0 + c) * kChunk, r[c]);
   }
 }
 
-__attribute__((target("avx512f"))) void transpose_keys16(const uint16_t* const* src, int64_t d,
-                                                         float* dst) {
-  for (int64_t e0 = 0; e0 < d; e0 += 16) {
-    __m512 r[16];
-    for (int i = 0; i < 16; ++i) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[i] + e0));
-      r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    transpose16(r);
-    for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (e0 + c) * kChunk, r[c]);
-  }
+// The cache row of kv head kvh at position pos of a sequence whose pages are `pages`.
+template <typename T>
+inline const T* cache_row(const TreeAttentionParams& p, const T* cache, int64_t stride_page,
+                          int64_t stride_slot, int64_t stride_head, const int32_t* pages,
+                          int64_t kvh, int64_t pos) {
+  return cache + pages[pos / p.page_size] * stride_page + (pos % p.page_size) * stride_slot +
+         kvh * stride_head;
 }
 
 template <typename T>
@@ -262,8 +260,7 @@ void load_chunk(const TreeAttentionParams& p, const T* cache, int64_t stride_pag
                 int64_t c0, int64_t n, bool transpose, float* dst) {
   const int64_t d = p.head_dim;
   auto key = [&](int64_t pos) {
-    return cache + pages[pos / p.page_size] * stride_page + (pos % p.page_size) * stride_slot +
-           kvh * stride_head;
+    return cache_row(p, cache, stride_page, stride_slot, stride_head, pages, kvh, pos);
   };
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, BFloat16>) {
@@ -361,10 +358,9 @@ void attend_group(const TreeAttentionParams& p, int64_t b, int64_t kvh, Scratch&
       const int64_t n = std::min(kChunk, kv_len - c0);
       if (acc_rows != nullptr) {
         for (int64_t j = 0; j < n; ++j) {
-          const int64_t pos = c0 + j;
-          vrows[j] = reinterpret_cast<const Raw*>(vc + pages[pos / p.page_size] * p.v_stride_page +
-                                                  (pos % p.page_size) * p.v_stride_slot +
-                                                  kvh * p.v_stride_head);
+          vrows[j] = reinterpret_cast<const Raw*>(cache_row(p, vc, p.v_stride_page,
+                                                            p.v_stride_slot, p.v_stride_head,
+                                                            pages, kvh, c0 + j));
         }
       } else {
         load_chunk(p, vc, p.v_stride_page, p.v_stride_slot, p.v_stride_head, pages, kvh, c0, n,

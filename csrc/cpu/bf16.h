@@ -26,4 +26,7 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
+// f rounded to bfloat16 precision, kept as binary32 (what a bf16 tensor op's result holds).
+inline float bf16_round(float f) { return bf16_to_float(float_to_bf16(f)); }
+
 }  // namespace specrt::cpu

@@ -11,10 +11,6 @@
 namespace specrt::cpu {
 namespace {
 
-// bf16 -> fp32 and back, written so loops over them vectorize (bf16.h's are the same values).
-inline float bf(uint16_t h) { return bf16_to_float(h); }
-inline uint16_t to_bf(float f) { return float_to_bf16(f); }
-
 #define SPECRT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 SPECRT_CLONES float sum_squares_f32(const float* x, int64_t h) {
@@ -28,7 +24,7 @@ SPECRT_CLONES float sum_squares_bf16(const uint16_t* x, int64_t h) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < h; ++i) {
-    const float v = bf(x[i]);
+    const float v = bf16_to_float(x[i]);
     s += v * v;
   }
   return s;
@@ -42,7 +38,8 @@ SPECRT_CLONES void scale_f32(const float* x, const float* w, float inv, float* y
 SPECRT_CLONES void scale_bf16(const uint16_t* x, const uint16_t* w, float inv, uint16_t* y,
                               int64_t h) {
 #pragma omp simd
-  for (int64_t i = 0; i < h; ++i) y[i] = to_bf(bf(w[i]) * bf(to_bf(bf(x[i]) * inv)));
+  for (int64_t i = 0; i < h; ++i)
+    y[i] = float_to_bf16(bf16_to_float(w[i]) * bf16_round(bf16_to_float(x[i]) * inv));
 }
 
 SPECRT_CLONES void rope_head_f32(float* x, const float* c, const float* s, int64_t half) {
@@ -60,9 +57,10 @@ SPECRT_CLONES void rope_head_bf16(uint16_t* x, const uint16_t* c, const uint16_t
   uint16_t* x2 = x + half;
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i) {
-    const float a = bf(x[i]), b = bf(x2[i]), ci = bf(c[i]), si = bf(s[i]);
-    x[i] = to_bf(bf(to_bf(a * ci)) - bf(to_bf(b * si)));
-    x2[i] = to_bf(bf(to_bf(b * ci)) + bf(to_bf(a * si)));
+    const float a = bf16_to_float(x[i]), b = bf16_to_float(x2[i]);
+    const float ci = bf16_to_float(c[i]), si = bf16_to_float(s[i]);
+    x[i] = float_to_bf16(bf16_round(a * ci) - bf16_round(b * si));
+    x2[i] = float_to_bf16(bf16_round(b * ci) + bf16_round(a * si));
   }
 }
 
@@ -73,7 +71,8 @@ SPECRT_CLONES void silu_mul_f32(const float* g, const float* u, float* y, int64_
 
 SPECRT_CLONES void silu_mul_bf16(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = to_bf(bf(to_bf(silu(bf(g[i])))) * bf(u[i]));
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = float_to_bf16(bf16_round(silu(bf16_to_float(g[i]))) * bf16_to_float(u[i]));
 }
 
 #undef SPECRT_CLONES

@@ -205,7 +205,7 @@ void run_columns(const LinearParams& p, int64_t n0, int64_t n1, const TileSet<T>
             yr[c] = v;
           } else {
             if (bias != nullptr) v += bf16_to_float(bias[c0 + c]);
-            if (rr != nullptr) v = bf16_to_float(rr[c]) + bf16_to_float(float_to_bf16(v));
+            if (rr != nullptr) v = bf16_to_float(rr[c]) + bf16_round(v);
             yr[c] = float_to_bf16(v);
           }
         }

@@ -6,32 +6,15 @@
 #include <c10/util/Exception.h>
 
 #include "cpu/layer_ops.h"
+#include "torch/cpu_rows.h"
 #include "torch/ops.h"
 
 namespace specrt {
+
+using glue::check_rows;
+using glue::row_stride;
+
 namespace {
-
-cpu::DType row_dtype(const char* op, const Tensor& t) {
-  if (t.scalar_type() == at::kFloat) return cpu::DType::kFloat32;
-  if (t.scalar_type() == at::kBFloat16) return cpu::DType::kBFloat16;
-  TORCH_CHECK(false, op, ": tensors must be float32 or bfloat16, got ", t.scalar_type());
-}
-
-// 2-D CPU tensor of `dtype` with unit last stride and the given shape (-1: any).
-void check_rows(const char* op, const char* name, const Tensor& t, at::ScalarType dtype,
-                int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK((rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols), op, ": ",
-              name, " must be [", rows, ", ", cols, "], got ", t.sizes());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
-              " needs a unit last stride (strides ", t.strides(), ")");
-}
-
-int64_t row_stride(const Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
 // Rows per thread chunk: at least ~16K elements of work, so small steps stay on one thread.
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
@@ -39,8 +22,8 @@ int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64
 }  // namespace
 
 void rms_norm_cpu(const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
-  const cpu::DType dt = row_dtype("rms_norm", x);
-  check_rows("rms_norm", "x", x, x.scalar_type(), -1, -1);
+  const cpu::DType dt = glue::float_rows_dtype("rms_norm", "x", x);
+  check_rows("rms_norm", "x", x);
   const int64_t m = x.size(0), h = x.size(1);
   check_rows("rms_norm", "out", out, x.scalar_type(), m, h);
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == x.scalar_type() &&
@@ -59,8 +42,8 @@ void rms_norm_cpu(const Tensor& x, const Tensor& weight, double eps, Tensor& out
 
 void rope_cpu(Tensor& qk, const Tensor& cos, const Tensor& sin, int64_t heads,
               int64_t head_dim) {
-  const cpu::DType dt = row_dtype("rope", qk);
-  check_rows("rope", "qk", qk, qk.scalar_type(), -1, -1);
+  const cpu::DType dt = glue::float_rows_dtype("rope", "qk", qk);
+  check_rows("rope", "qk", qk);
   TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be even and positive, got ",
               head_dim);
   TORCH_CHECK(heads >= 0 && heads * head_dim <= qk.size(1), "rope: ", heads, " heads of ",
@@ -78,8 +61,8 @@ void rope_cpu(Tensor& qk, const Tensor& cos, const Tensor& sin, int64_t heads,
 }
 
 void silu_mul_cpu(const Tensor& gate_up, Tensor& out) {
-  const cpu::DType dt = row_dtype("silu_mul", gate_up);
-  check_rows("silu_mul", "gate_up", gate_up, gate_up.scalar_type(), -1, -1);
+  const cpu::DType dt = glue::float_rows_dtype("silu_mul", "gate_up", gate_up);
+  check_rows("silu_mul", "gate_up", gate_up);
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "silu_mul: gate_up must have an even number of columns ",
               "([gate, up]), got ", gate_up.size(1));
   const int64_t m = gate_up.size(0), inter = gate_up.size(1) / 2;

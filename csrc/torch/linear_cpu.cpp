@@ -7,26 +7,13 @@
 #include <string>
 
 #include "cpu/linear.h"
+#include "torch/cpu_rows.h"
 #include "torch/ops.h"
 
 namespace specrt {
-namespace {
 
-cpu::DType linear_dtype(const Tensor& t, const char* name) {
-  if (t.scalar_type() == at::kFloat) return cpu::DType::kFloat32;
-  if (t.scalar_type() == at::kBFloat16) return cpu::DType::kBFloat16;
-  TORCH_CHECK(false, "linear: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
-}
-
-void check_matrix(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "linear: ", name, " must be a CPU tensor, got one on ",
-              t.device());
-  TORCH_CHECK(t.dim() == 2, "linear: ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "linear: ", name,
-              " needs a unit last stride (strides ", t.strides(), ")");
-}
-
-}  // namespace
+using glue::check_rows;
+using glue::row_stride;
 
 std::string linear_isa_cpu(at::ScalarType dtype) {
   if (dtype == at::kFloat) return cpu::linear_isa(cpu::DType::kFloat32);
@@ -41,8 +28,8 @@ int64_t linear_packed_size_cpu(at::ScalarType dtype, int64_t n, int64_t k) {
 }
 
 void linear_pack_cpu(const Tensor& weight, Tensor& packed) {
-  check_matrix(weight, "weight");
-  const cpu::DType dtype = linear_dtype(weight, "weight");
+  check_rows("linear", "weight", weight);
+  const cpu::DType dtype = glue::float_rows_dtype("linear", "weight", weight);
   const int64_t n = weight.size(0), k = weight.size(1);
   const int64_t size = cpu::linear_packed_size(dtype, n, k);
   TORCH_CHECK(size > 0 || n * k == 0, "linear_pack: this CPU lacks AVX-512");
@@ -57,9 +44,9 @@ void linear_pack_cpu(const Tensor& weight, Tensor& packed) {
 
 void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Tensor& out,
                 bool packed, const OptTensor& residual) {
-  check_matrix(x, "x");
-  check_matrix(out, "out");
-  const cpu::DType dtype = linear_dtype(x, "x");
+  check_rows("linear", "x", x);
+  check_rows("linear", "out", out);
+  const cpu::DType dtype = glue::float_rows_dtype("linear", "x", x);
   TORCH_CHECK(weight.device().is_cpu(), "linear: weight must be a CPU tensor, got one on ",
               weight.device());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
@@ -75,12 +62,12 @@ void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Te
                 size, " elements, got ", weight.sizes());
     p.w_stride = 0;
   } else {
-    check_matrix(weight, "weight");
+    check_rows("linear", "weight", weight);
     TORCH_CHECK(weight.size(1) == k, "linear: weight is ", weight.sizes(), " for x of ", k,
                 " columns");
     TORCH_CHECK(weight.size(0) == n, "linear: out must be [", m, ", ", weight.size(0),
                 "], got ", out.sizes());
-    p.w_stride = weight.size(0) > 1 ? weight.stride(0) : k;
+    p.w_stride = row_stride(weight);
   }
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == x.scalar_type(),
@@ -91,7 +78,7 @@ void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Te
     p.bias = bias->data_ptr();
   }
   if (residual.has_value()) {
-    check_matrix(*residual, "residual");
+    check_rows("linear", "residual", *residual);
     TORCH_CHECK(residual->scalar_type() == x.scalar_type(),
                 "linear: residual must have x's dtype, got ", residual->scalar_type());
     TORCH_CHECK(residual->size(0) == m && residual->size(1) == n, "linear: residual must be [",
@@ -102,15 +89,15 @@ void linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, Te
                      (m <= 1 || residual->stride(0) == out.stride(0))),
                 "linear: residual may alias out only as the same view");
     p.residual = residual->data_ptr();
-    p.r_stride = residual->size(0) > 1 ? residual->stride(0) : n;
+    p.r_stride = row_stride(*residual);
   }
   p.dtype = dtype;
   p.packed = packed;
   p.x = x.data_ptr();
-  p.x_stride = x.size(0) > 1 ? x.stride(0) : k;
+  p.x_stride = row_stride(x);
   p.w = weight.data_ptr();
   p.y = out.data_ptr();
-  p.y_stride = out.size(0) > 1 ? out.stride(0) : n;
+  p.y_stride = row_stride(out);
   p.m = m;
   p.n = n;
   p.k = k;
