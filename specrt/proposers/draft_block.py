@@ -20,7 +20,14 @@ from torch import nn
 from .. import ops
 from ..batch import AttentionMetadata
 
-__all__ = ["DraftBlock", "rms_norm", "rope"]
+__all__ = ["DraftBlock", "param", "rms_norm", "rope"]
+
+
+def param(*shape, dtype, device, ones: bool = False) -> nn.Parameter:
+    """A head weight of ``shape``: ones (norms) or zeros (filled by a checkpoint or an
+    initialiser)."""
+    f = torch.ones if ones else torch.zeros
+    return nn.Parameter(f(shape, dtype=dtype, device=device))
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,13 +46,29 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 class DraftBlock(nn.Module):
     """Base of a draft head's decoder block.
 
-    A subclass sets ``cfg`` (``num_heads``, ``num_kv_heads``, ``head_dim``, ``q_size``,
-    ``kv_size``, ``rms_norm_eps``), creates the block weights ``qkv_weight`` [q + 2 kv,
-    attention input width], ``qkv_bias`` (or None), ``o_weight``, ``post_norm``,
-    ``gate_up_weight`` ([gate; up] rows) and ``down_weight``, and defines
+    A subclass sets ``cfg`` (``hidden_size``, ``intermediate_size``, ``num_heads``,
+    ``num_kv_heads``, ``head_dim``, ``q_size``, ``kv_size``, ``rms_norm_eps``,
+    ``attention_bias``), creates the block weights ``qkv_weight`` [q + 2 kv, attention input
+    width], ``qkv_bias`` (or None), ``o_weight``, ``post_norm``, ``gate_up_weight`` ([gate; up]
+    rows) and ``down_weight`` with :meth:`_make_block_weights`, and defines
     :meth:`block_inputs`; a block whose attention input is normed inside the layer (an MTP
     module's ``input_layernorm``) overrides :meth:`attention_input`.
     """
+
+    def _make_block_weights(self, attn_in: int, dtype, device) -> None:
+        """The block's weights for an attention input ``attn_in`` wide (norms ones, the rest
+        zeros; checkpoints and initialisers fill them)."""
+        c = self.cfg
+
+        def p(*shape, ones=False):
+            return param(*shape, dtype=dtype, device=device, ones=ones)
+
+        self.qkv_weight = p(c.q_size + 2 * c.kv_size, attn_in)
+        self.qkv_bias = p(c.q_size + 2 * c.kv_size) if c.attention_bias else None
+        self.o_weight = p(c.hidden_size, c.q_size)
+        self.post_norm = p(c.hidden_size, ones=True)
+        self.gate_up_weight = p(2 * c.intermediate_size, c.hidden_size)
+        self.down_weight = p(c.hidden_size, c.intermediate_size)
 
     def block_inputs(self, emb: torch.Tensor, h: torch.Tensor) -> tuple:
         """``(attention input, residual)`` from token embeddings and features."""

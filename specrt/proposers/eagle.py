@@ -70,13 +70,12 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..batch import AttentionMetadata
 from ..kv_cache import PagedKVCache, build_metadata
 from ..tree import DraftTree
 from .base import Proposer
-from .draft_block import DraftBlock, rms_norm
+from .draft_block import DraftBlock, param, rms_norm
 
 __all__ = ["EagleConfig", "EagleHead", "EagleProposer", "load_eagle_head", "save_eagle_head",
            "eagle3_feature_layers", "EagleCheckpointError"]
@@ -182,9 +181,7 @@ class EagleHead(DraftBlock):
         h, nf = cfg.hidden_size, cfg.num_features
 
         def p(*shape, ones=False):
-            t = torch.ones(shape, dtype=dtype, device=device) if ones else torch.zeros(
-                shape, dtype=dtype, device=device)
-            return nn.Parameter(t)
+            return param(*shape, dtype=dtype, device=device, ones=ones)
 
         fc_in = 2 * h if cfg.variant == "eagle1" else nf * h
         self.fc_weight = p(h, fc_in)
@@ -200,12 +197,7 @@ class EagleHead(DraftBlock):
             t2d[: cfg.draft_vocab_size] = True
             self.register_buffer("d2t", d2t)
             self.register_buffer("t2d", t2d)
-        self.qkv_weight = p(cfg.q_size + 2 * cfg.kv_size, attn_in)
-        self.qkv_bias = p(cfg.q_size + 2 * cfg.kv_size) if cfg.attention_bias else None
-        self.o_weight = p(h, cfg.q_size)
-        self.post_norm = p(h, ones=True)
-        self.gate_up_weight = p(2 * cfg.intermediate_size, h)
-        self.down_weight = p(h, cfg.intermediate_size)
+        self._make_block_weights(attn_in, dtype, device)
 
     # -- pieces ------------------------------------------------------------------------------
     def inputs(self, emb: torch.Tensor, h: torch.Tensor) -> tuple:
@@ -423,8 +415,8 @@ def save_eagle_head(head: EagleHead, out_dir, target_config=None, extra_config=N
     out.mkdir(parents=True, exist_ok=True)
     lp = "midlayer." if c.variant == "eagle3" else "layers.0."
     tensors = {}
-    for name, (param, rows) in _name_map(head, lp).items():
-        w = param.detach() if rows is None else param.detach()[rows]
+    for name, (src, rows) in _name_map(head, lp).items():
+        w = src.detach() if rows is None else src.detach()[rows]
         if w.is_floating_point():
             w = w.to(dtype)
         tensors[name] = w.contiguous().cpu()

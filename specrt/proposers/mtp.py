@@ -71,7 +71,7 @@ from torch import nn
 from ..kv_cache import PagedKVCache, build_metadata
 from ..tree import DraftTree
 from .base import Proposer
-from .draft_block import DraftBlock, rms_norm
+from .draft_block import DraftBlock, param, rms_norm
 from .eagle import _pack_rows
 
 __all__ = ["MTPConfig", "MTPLayer", "MTPModules", "MTPProposer", "MTPCheckpointError",
@@ -139,22 +139,16 @@ class MTPLayer(DraftBlock):
     def __init__(self, cfg: MTPConfig, dtype=torch.float32, device="cpu"):
         super().__init__()
         self.cfg = cfg
-        h, it = cfg.hidden_size, cfg.intermediate_size
+        h = cfg.hidden_size
 
         def p(*shape, ones=False):
-            f = torch.ones if ones else torch.zeros
-            return nn.Parameter(f(shape, dtype=dtype, device=device))
+            return param(*shape, dtype=dtype, device=device, ones=ones)
 
         self.token_norm = p(h, ones=True)
         self.hidden_norm = p(h, ones=True)
         self.proj = p(h, 2 * h)
         self.input_norm = p(h, ones=True)
-        self.qkv_weight = p(cfg.q_size + 2 * cfg.kv_size, h)
-        self.qkv_bias = p(cfg.q_size + 2 * cfg.kv_size) if cfg.attention_bias else None
-        self.o_weight = p(h, cfg.q_size)
-        self.post_norm = p(h, ones=True)
-        self.gate_up_weight = p(2 * it, h)
-        self.down_weight = p(h, it)
+        self._make_block_weights(h, dtype, device)
         self.final_norm = p(h, ones=True)
 
     def inputs(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
