@@ -158,6 +158,12 @@ def run_engine(engine: Engine, prompts, params, chat: bool, batch: int = 1):
 def make_proposer(name, model, args, draft=None):
     if name == "none":
         return None
+    if "|" in name:
+        # "A|B[|C]": a proposer set; the policy picks the member per sequence and step (fixed:
+        # the members in order, the first with a draft)
+        from specrt.proposers import ProposerSet
+
+        return ProposerSet([make_proposer(part, model, args, draft) for part in name.split("|")])
     if name.split(":")[0] == "ngram":
         # ngram: --k, --ngram-branches; "ngram:K:B": K tokens deep, B branches
         base, *opts = name.split(":")

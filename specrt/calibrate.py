@@ -14,7 +14,8 @@ Measured per engine (device, model, dtype, page size, proposer and its settings)
   batch; the engine's own step timings give the proposer's ``propose`` time and the rest of
   the step. The host overhead is the rest of a plain step; drafting time, with the host time a
   drafted step adds beyond that, is fitted as ``a + per_level * depth + per_node * draft
-  nodes``.
+  nodes``. For a proposer set, the set's plain steps are timed, then each member's budgets
+  alone: one fit per member (``CostTable.members``).
 
 The table is cached as JSON under ``$SPECRT_CACHE_DIR/costs`` (default
 ``~/.cache/specrt/costs``) in a file named by a hash of everything it depends on (the key is
@@ -45,7 +46,8 @@ from .models import llama
 from .policy import PLAIN, Budget, CostTable
 from .tree import DraftTree, batch_trees
 
-__all__ = ["cache_dir", "cost_key", "calibrate", "load_or_calibrate", "device_name"]
+__all__ = ["cache_dir", "cost_key", "calibrate", "load_or_calibrate", "device_name",
+           "proposer_signature"]
 
 _NODE_COARSE = (1, 2, 4, 8, 16, 32, 64)
 _NODE_FINE = (3, 5, 6, 10, 12, 24, 48)
@@ -77,7 +79,7 @@ def device_name(device: torch.device) -> str:
     return name
 
 
-def _proposer_signature(proposer) -> dict:
+def proposer_signature(proposer) -> dict:
     """The proposer's name and its scalar settings (what its drafting cost depends on)."""
     sig = getattr(proposer, "cost_signature", None)
     if callable(sig):
@@ -115,7 +117,7 @@ def cost_key(engine) -> dict:
         "max_batch_size": engine.max_batch_size,
         "max_tree_nodes": engine.max_tree_nodes,
         "max_draft": engine.max_draft,
-        "proposer": _proposer_signature(engine.proposer),
+        "proposer": proposer_signature(engine.proposer),
     }
 
 
@@ -277,7 +279,7 @@ class _OneBudget:
         pass
 
     def plan(self, sids, limits):
-        return [Budget(min(self.b.depth, lim), self.b.nodes) for lim in limits]
+        return [Budget(min(self.b.depth, lim), self.b.nodes, self.b.source) for lim in limits]
 
     def observe(self, sid, b, accepted, drafted=None, nodes=None, verified=None):
         pass
@@ -296,16 +298,18 @@ def _synthetic_prompts(vocab: int, count: int, seed: int = 0) -> list:
     return prompts
 
 
-def _time_steps(engine, menu, batch_sizes, deadline: float, steps: int = 6) -> dict:
-    """Per calibration batch size, the engine's step log at a few fixed budgets."""
+def _time_steps(engine, menu, batch_sizes, deadline: float, steps: int = 6,
+                plain: bool = True) -> dict:
+    """Per calibration batch size, the engine's step log at a few fixed budgets (plain
+    decoding among them unless ``plain=False``)."""
     from .engine import SamplingParams
 
     deep = max((b.depth for b in menu), default=0)
-    picks = [PLAIN]
+    picks = [PLAIN] if plain else []
     for b in menu:  # depth-1 chain, deepest chain, widest tree
-        if b.depth == 1 and b.nodes == 2:
+        if b.depth == 1 and b.nodes == 2 and b not in picks:
             picks.append(b)
-    chains = [b for b in menu if b.depth == deep and b.nodes == deep + 1]
+    chains = [b for b in menu if b.depth == deep and b.nodes == deep + 1 and b not in picks]
     picks += chains[:1]
     widest = max(menu, key=lambda b: (b.nodes, b.depth))
     if widest not in picks:
@@ -380,11 +384,28 @@ def calibrate(engine, menu, *, budget_s: float = 20.0) -> CostTable:
     ver = _time_verify(model, dev, engine.dtype, batch_sizes, nodes,
                        t_start + 0.6 * budget_s)
     cal_b = sorted({1, min(8, engine.max_batch_size)})
-    logs = _time_steps(engine, menu, cal_b, t_start + budget_s)
+    members = getattr(engine.proposer, "members", None) or ()
     fits, hosts = {}, {}
-    for B, rows in logs.items():
-        fits[B] = _fit_draft(rows)
-        hosts[B] = _plain_host(rows)
+    mfits = [{} for _ in members]
+    if members:
+        # A proposer set: its plain steps (no member runs), then each member's own budgets
+        # (source k) alone; each member's fit shares the plain steps.
+        plain = _time_steps(engine, [PLAIN], cal_b, t_start + 0.65 * budget_s)
+        for B, rows in plain.items():
+            fits[B] = _fit_draft(rows)
+            hosts[B] = _plain_host(rows)
+        for k in range(len(members)):
+            own = [b for b in menu if b.source == k]
+            logs = _time_steps(engine, own, cal_b,
+                               t_start + budget_s * (0.65 + 0.35 * (k + 1) / len(members)),
+                               plain=False)
+            for B, rows in logs.items():
+                mfits[k][B] = _fit_draft(plain.get(B, []) + rows)
+    else:
+        logs = _time_steps(engine, menu, cal_b, t_start + budget_s)
+        for B, rows in logs.items():
+            fits[B] = _fit_draft(rows)
+            hosts[B] = _plain_host(rows)
 
     def interp(B, table):
         ks = sorted(table)
@@ -403,6 +424,7 @@ def calibrate(engine, menu, *, budget_s: float = 20.0) -> CostTable:
         return a + (b - a) * f
 
     bs, rows, vs, hs, ds = [], [], [], [], []
+    ms = [[] for _ in members]
     for B in batch_sizes:
         pts = sorted((B * n, t) for (b, n), t in ver.items() if b == B)
         if len(pts) < 1:
@@ -412,9 +434,11 @@ def calibrate(engine, menu, *, budget_s: float = 20.0) -> CostTable:
         vs.append([t for _, t in pts])
         hs.append(interp(B, hosts))
         ds.append(list(interp(B, fits)))
+        for k, f in enumerate(mfits):
+            ms[k].append(list(interp(B, f)))
     meta = {"device": device_name(dev), "dtype": str(engine.dtype).replace("torch.", ""),
             "proposer": engine.proposer.name,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "calibration_s": round(time.perf_counter() - t_start, 3),
-            "menu": [[b.depth, b.nodes] for b in menu]}
-    return CostTable(bs, rows, vs, hs, ds, meta)
+            "menu": [[b.depth, b.nodes] + ([b.source] if b.source >= 0 else []) for b in menu]}
+    return CostTable(bs, rows, vs, hs, ds, meta, ms if members else None)

@@ -64,6 +64,10 @@ def cmd_generate(args) -> int:
         top = list(m.budget_histogram().items())[:4]
         line += (f", policy {engine.policy.name}: draft budgets (depth/nodes: steps) "
                  + " ".join(f"{k}: {v}" for k, v in top))
+    members = getattr(proposer, "members", None)
+    if members:
+        line += ", drafted by (steps / accepted) " + " ".join(
+            f"{k}: {v['drafted']}/{v['accepted']}" for k, v in proposer.stats.items())
     bw = m.bandwidth
     if bw:
         line += (f", DRAM bandwidth util {bw.get('dram_bw_util_pct')}% "
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--proposer", default="none",
                    help="none | ngram | draft | self-spec | medusa | eagle | lookahead | cascade | mtp | "
-                        "mlp-speculator")
+                        "mlp-speculator; 'A|B' for several at once (e.g. 'ngram|eagle': the "
+                        "auto policy picks the member per step, fixed tries them in order)")
     g.add_argument("--num-draft", type=int, default=None,
                    help="draft tokens per step / deepest tree level (default 4; eagle: its --eagle-depth)")
     g.add_argument("--draft-model", default=None, help="draft model for --proposer draft")

@@ -123,11 +123,12 @@ class _Seq:
     tokens_sent: int = 0
     t_start: float = 0.0
 
-    def view(self, committed: int, max_draft: int, max_nodes: int = 1 << 30) -> SeqView:
+    def view(self, committed: int, max_draft: int, max_nodes: int = 1 << 30,
+             source: int = -1) -> SeqView:
         p = self.params
         return SeqView(self.sid, self.tokens, len(self.out.prompt_token_ids), committed,
                        float(p.temperature), int(p.top_k), float(p.top_p), self.seed, self.step,
-                       max_draft, p.draft_options or {}, max_nodes)
+                       max_draft, p.draft_options or {}, max_nodes, source)
 
 
 def check_device(device: Union[str, torch.device]) -> torch.device:
@@ -292,7 +293,9 @@ class Engine:
         menu = self.budget_menu()
         self.costs = load_or_calibrate(self, menu, budget_s=self.calibration_s, refresh=refresh)
         if self._policy_spec == "auto" and not isinstance(self.proposer, NoProposer):
-            self.policy = AutoPolicy(self.costs, menu)
+            members = getattr(self.proposer, "members", None)
+            self.policy = AutoPolicy(self.costs, menu, self_sizing={
+                k for k, m in enumerate(members or ()) if getattr(m, "sizes_itself", False)})
         self.proposer.set_costs(self.costs)
         return self.costs
 
@@ -540,7 +543,7 @@ class Engine:
             limits.append(max(0, min(self.max_draft, left - 1)))
         budgets = self.policy.plan([s.sid for s in seqs], limits)
         mt_nodes = self.max_tree_nodes
-        views = [s.view(len(s.tokens) - 1, min(b.depth, lim), min(b.nodes, mt_nodes))
+        views = [s.view(len(s.tokens) - 1, min(b.depth, lim), min(b.nodes, mt_nodes), b.source)
                  for s, b, lim in zip(seqs, budgets, limits)]
         trees = self.proposer.propose(views)
         aux = self.proposer.aux_rows(views) if self.proposer.uses_aux_rows else None

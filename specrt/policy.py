@@ -30,6 +30,7 @@ never depends on it: every budget is verified exactly.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -41,14 +42,19 @@ __all__ = ["Budget", "PLAIN", "CostTable", "AcceptanceModel", "choose", "default
 @dataclass(frozen=True, order=True, slots=True)
 class Budget:
     """A sequence's draft budget for one step: at most ``depth`` draft levels and ``nodes``
-    rows in its verify forward (tree nodes, root included, plus auxiliary rows)."""
+    rows in its verify forward (tree nodes, root included, plus auxiliary rows). ``source``:
+    which member of a :class:`specrt.proposers.ProposerSet` drafts it (``-1``: the engine's
+    only proposer, or the set's own fixed order)."""
 
     depth: int
     nodes: int
+    source: int = -1
 
     def __post_init__(self):
-        if self.depth < 0 or self.nodes < 1 or (self.depth > 0 and self.nodes < self.depth + 1):
-            raise ValueError(f"invalid budget depth={self.depth}, nodes={self.nodes}")
+        if self.depth < 0 or self.nodes < 1 or (self.depth > 0 and self.nodes < self.depth + 1) \
+                or self.source < -1:
+            raise ValueError(f"invalid budget depth={self.depth}, nodes={self.nodes}, "
+                             f"source={self.source}")
 
 
 PLAIN = Budget(0, 1)
@@ -115,6 +121,11 @@ class CostTable:
         budget of the batch; draft nodes: summed over the batch, roots excluded).
     meta : dict
         Where and how it was measured (device, model, dtype, proposer, date, command).
+    members : list or None
+        For a :class:`specrt.proposers.ProposerSet`: per member, per batch size, its own
+        ``[t0, a, per_level, per_node]`` (``draft`` then holds the set's plain steps). A step
+        where several members draft pays ``t0 + sum over them of (a - t0_m + per_level * their
+        deepest + per_node * their nodes)``.
     """
 
     batch_sizes: list
@@ -123,6 +134,7 @@ class CostTable:
     host_s: list
     draft: list
     meta: dict = field(default_factory=dict)
+    members: Optional[list] = None
 
     def __post_init__(self):
         n = len(self.batch_sizes)
@@ -135,6 +147,10 @@ class CostTable:
                 raise ValueError("CostTable: rows must be increasing, one time per row count")
         if any(len(d) != 4 for d in self.draft):
             raise ValueError("CostTable: draft entries are [t0, a, per_level, per_node]")
+        for m in self.members or ():
+            if len(m) != n or any(len(d) != 4 for d in m):
+                raise ValueError("CostTable: each member has [t0, a, per_level, per_node] per "
+                                 "batch size")
 
     # -- lookup ---------------------------------------------------------------------------
     def _by_batch(self, batch: int, f):
@@ -166,6 +182,19 @@ class CostTable:
             return t0 if depth <= 0 else a + per_level * depth + per_node * draft_nodes
         return self._by_batch(batch, f)
 
+    def draft_coef(self, batch: int, source: int = -1) -> tuple:
+        """``(t0, a, per_level, per_node)`` at ``batch`` of member ``source`` (-1 or a table
+        without members: ``draft``)."""
+        table = self.draft if source < 0 or not self.members else self.members[source]
+        return tuple(self._by_batch(batch, lambda i, k=k: table[i][k]) for k in range(4))
+
+    def for_member(self, source: int) -> "CostTable":
+        """The table as member ``source`` alone would see it (its drafting costs)."""
+        if not self.members:
+            return self
+        return CostTable(self.batch_sizes, self.rows, self.verify_s, self.host_s,
+                         self.members[source], dict(self.meta, member=source))
+
     def step(self, batch: int, depth: int, rows: int) -> float:
         """A whole verify step: host + drafting + forward (``rows`` includes the roots)."""
         return self.host(batch) + self.drafting(batch, depth, rows - batch) + self.verify(batch, rows)
@@ -177,7 +206,7 @@ class CostTable:
         cache = self.__dict__.setdefault("_at_batch", {})
         hit = cache.get(key)
         if hit is None:
-            coef = [self._by_batch(batch, lambda i, k=k: self.draft[i][k]) for k in range(4)]
+            coef = list(self.draft_coef(batch))
             ver = [self.verify(batch, max(r, 1)) for r in range(max_rows + 1)]
             hit = cache[key] = (self.host(batch), coef, ver)
         return hit
@@ -186,17 +215,20 @@ class CostTable:
     def as_dict(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "rows": [list(r) for r in self.rows],
                 "verify_s": [list(v) for v in self.verify_s], "host_s": list(self.host_s),
-                "draft": [list(d) for d in self.draft], "meta": dict(self.meta)}
+                "draft": [list(d) for d in self.draft], "meta": dict(self.meta),
+                "members": None if self.members is None else
+                [[list(d) for d in m] for m in self.members]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostTable":
         return cls(d["batch_sizes"], d["rows"], d["verify_s"], d["host_s"], d["draft"],
-                   d.get("meta", {}))
+                   d.get("meta", {}), d.get("members"))
 
     @classmethod
     def synthetic(cls, verify, *, host: float = 0.0, draft=(0.0, 0.0, 0.0, 0.0),
-                  batch_sizes=(1,), max_rows: int = 512) -> "CostTable":
-        """A table from a function ``verify(batch, rows) -> seconds`` (tests, what-if)."""
+                  batch_sizes=(1,), max_rows: int = 512, members=None) -> "CostTable":
+        """A table from a function ``verify(batch, rows) -> seconds`` (tests, what-if);
+        ``members``: per member of a proposer set, its ``(t0, a, per_level, per_node)``."""
         grid = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512,
                        max_rows})
         rows, ver = [], []
@@ -205,7 +237,9 @@ class CostTable:
             rows.append(r)
             ver.append([float(verify(b, x)) for x in r])
         n = len(batch_sizes)
-        return cls(list(batch_sizes), rows, ver, [host] * n, [list(draft)] * n, {"synthetic": True})
+        mem = None if members is None else [[list(m)] * n for m in members]
+        return cls(list(batch_sizes), rows, ver, [host] * n, [list(draft)] * n,
+                   {"synthetic": True}, mem)
 
 
 # ----------------------------------------------------------------------------- acceptance
@@ -379,22 +413,55 @@ def _hull(points):
     return [(x1 - x0, y1 - y0, k1) for (x0, y0, _), (x1, y1, k1) in zip(hull, hull[1:])]
 
 
+class _Drafting:
+    """Drafting time of one step from the budgets picked so far, per member (``source``):
+    ``t0`` when nothing drafts, else ``t0 + sum over drafting members of (a - t0_m +
+    per_level * deepest + per_node * draft nodes)`` (one member: ``a + ...``, the single
+    proposer's formula)."""
+
+    __slots__ = ("t0", "coef", "deep", "nodes", "count")
+
+    def __init__(self, t0: float, coef: dict):
+        self.t0, self.coef = t0, coef
+        self.deep = dict.fromkeys(coef, 0)
+        self.nodes = dict.fromkeys(coef, 0.0)
+        self.count = dict.fromkeys(coef, 0)
+
+    def add(self, b: Budget, x: float, sign: int = 1) -> None:
+        s = b.source
+        self.count[s] += sign
+        self.nodes[s] += sign * x
+        if sign > 0 and b.depth > self.deep[s]:
+            self.deep[s] = b.depth  # kept on removal: an upper bound the exact pass corrects
+
+    def cost(self) -> float:
+        c = self.t0
+        for s, n in self.count.items():
+            if n > 0:
+                t0, a, per_level, per_node = self.coef[s]
+                c += a - t0 + per_level * self.deep[s] + per_node * self.nodes[s]
+        return c
+
+
 def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
            costs: CostTable, extra: Optional[Sequence[Sequence[float]]] = None,
            drafting: bool = True, base_rows: Optional[int] = None):
     """Budgets maximising ``sum E / step time`` for one batch.
 
-    ``menus[i]``: sequence i's budgets; ``gains[i][k]``: expected emitted tokens under
+    ``menus[i]``: sequence i's budgets (of one proposer, or of several members of a proposer
+    set, told apart by ``Budget.source``); ``gains[i][k]``: expected emitted tokens under
     ``menus[i][k]`` (plain gives 1); ``extra[i][k]``: the verify rows it adds beyond the root
-    (expected; default ``nodes - 1``). ``drafting=False``: the drafts exist already (their cost
-    is spent; only verification counts). ``base_rows``: rows every choice has (default B: the
-    roots; plus auxiliary rows). Returns ``(chosen budgets, expected rate in tokens/s)``.
+    (expected; default ``nodes - 1``). ``drafting=False``: the drafts exist already (their
+    cost is spent; only verification counts). ``base_rows``: rows every choice has (default
+    B: the roots; plus auxiliary rows). Returns ``(chosen budgets, expected rate in
+    tokens/s)``.
 
-    For every depth cap D (drafting cost grows with the batch's deepest budget) each sequence's
-    budgets are reduced to their concave hull of extra rows vs gain, the hull steps of all
-    sequences are taken best gain-per-row first, and the best prefix over all D wins; then a
-    coordinate ascent over single sequences' exact alternatives (menus of up to 512 budgets in
-    all). Ties go to fewer rows.
+    Drafting cost grows with each member's deepest budget, so for every combination of depth
+    caps (one per member whose cost grows per level) each sequence's budgets are reduced to
+    their concave hull of extra rows vs gain, the hull steps of all sequences are taken best
+    gain-per-row first, and the best prefix over all caps wins; then a coordinate ascent over
+    single sequences' exact alternatives (menus of up to 512 budgets in all). Ties go to
+    fewer rows.
     """
     B = len(menus)
     if B == 0:
@@ -403,11 +470,14 @@ def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
         extra = [[b.nodes - 1 for b in m] for m in menus]
     base = B if base_rows is None else base_rows
     base_gain = float(B)
-    depths = sorted({b.depth for m in menus for b in m} | {0})
     max_rows = base + int(math.ceil(sum(max(x, default=0) for x in extra))) + 1
-    host, (t0, a, per_level, per_node), ver = costs.at_batch(B, max_rows)
-    if not drafting:
-        t0 = a = per_level = per_node = 0.0
+    host, _, ver = costs.at_batch(B, max_rows)
+    sources = sorted({b.source for m in menus for b in m if b.depth > 0})
+    if drafting:
+        t0 = costs.draft_coef(B)[0]
+        coef = {s: costs.draft_coef(B, s) for s in sources}
+    else:
+        t0, coef = 0.0, {s: (0.0, 0.0, 0.0, 0.0) for s in sources}
 
     def verify(r: float) -> float:
         i = int(r)
@@ -415,19 +485,29 @@ def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
 
     best_rate = base_gain / (host + t0 + verify(base))
     best_pick = [None] * B  # menu index per sequence, None = plain
-    if per_level <= 0:
-        depths = depths[-1:]  # drafting cost does not grow with depth: one pass, no cap
+    # depth caps: every depth (and 0: not drafting) for a member whose cost grows per level,
+    # its deepest or 0 for the others (with several members: a member's fixed cost is paid
+    # once, so leaving one out entirely must be tried as a whole)
+    options = []
+    for s in sources:
+        deep = sorted({b.depth for m in menus for b in m if b.source == s and b.depth > 0})
+        options.append([0, *deep] if coef[s][2] > 0 else
+                       deep[-1:] if len(sources) == 1 else [0, deep[-1]])
+    combos = list(itertools.product(*options))
+    if len(combos) > 256:  # many costly members: caps at each one's deepest or nothing
+        combos = list(itertools.product(*[sorted({0, o[-1]}) for o in options]))
     memo: dict = {}
-    for D in depths:
-        if D == 0:
+    for combo in combos:
+        cap = dict(zip(sources, combo))
+        if not any(combo):
             continue
         steps = []
         for i, (menu, g, x) in enumerate(zip(menus, gains, extra)):
-            key = (id(menu), tuple(g), tuple(x), D)
+            key = (id(menu), tuple(g), tuple(x), combo)
             inc = memo.get(key)
             if inc is None:
                 pts = [(xi, gi - 1.0, k) for k, (b, gi, xi) in enumerate(zip(menu, g, x))
-                       if 0 < b.depth <= D and gi > 1.0 and xi > 0]
+                       if 0 < b.depth <= cap.get(b.source, 0) and gi > 1.0 and xi > 0]
                 inc = memo[key] = _hull(pts)
             for dr, dg, k in inc:
                 steps.append((-dg / dr, i, dr, dg, k))
@@ -435,13 +515,16 @@ def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
             continue
         steps.sort()
         pick = [None] * B
-        rows, gain, deep = float(base), base_gain, 0
+        rows, gain = float(base), base_gain
+        draft = _Drafting(t0, coef)
         for _, i, dr, dg, k in steps:
+            if pick[i] is not None:
+                draft.add(menus[i][pick[i]], extra[i][pick[i]], -1)
             pick[i] = k
+            draft.add(menus[i][k], extra[i][k])
             rows += dr
             gain += dg
-            deep = max(deep, menus[i][k].depth)
-            rate = gain / (host + a + per_level * deep + per_node * (rows - base) + verify(rows))
+            rate = gain / (host + draft.cost() + verify(rows))
             if rate > best_rate * (1 + 1e-12):
                 best_rate = rate
                 best_pick = [pick[j] for j in range(B)]
@@ -449,32 +532,76 @@ def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
     # divisible; one sequence's exact alternatives can still do better.
     idx = best_pick
     if sum(len(m) for m in menus) <= 512:
-        def state_rate(ks):
-            g, r, dp = base_gain, float(base), 0
-            for i, k in enumerate(ks):
-                if k is not None:
-                    g += gains[i][k] - 1.0
-                    r += extra[i][k]
-                    dp = max(dp, menus[i][k].depth)
-            if dp == 0:
-                return g / (host + t0 + verify(r))
-            return g / (host + a + per_level * dp + per_node * (r - base) + verify(r))
-        cur = state_rate(idx)
-        for _ in range(2):
-            improved = False
-            for i in range(B):
-                for k in range(len(menus[i])):
-                    trial = list(idx)
-                    trial[i] = k if menus[i][k].depth > 0 else None
-                    if trial[i] == idx[i]:
-                        continue
-                    r = state_rate(trial)
-                    if r > cur * (1 + 1e-12):
-                        idx, cur, improved = trial, r, True
-            if not improved:
-                break
-        best_rate = max(best_rate, cur)
+        idx, best_rate = _ascend(idx, menus, gains, extra, base, base_gain, host, t0, coef,
+                                 verify)
     return [menus[j][idx[j]] if idx[j] is not None else PLAIN for j in range(B)], best_rate
+
+
+def _ascend(idx, menus, gains, extra, base, base_gain, host, t0, coef, verify):
+    """Coordinate ascent over single sequences' exact alternatives from the assignment
+    ``idx`` (menu index per sequence, None = plain); each alternative is evaluated from the
+    batch's totals less the sequence's own share. Returns ``(idx, exact rate)``."""
+    B = len(menus)
+
+    def totals(ks):
+        g, r = base_gain, float(base)
+        per = {s: [0, 0.0, []] for s in coef}  # source -> [count, nodes, depths (depth, i)]
+        for i, k in enumerate(ks):
+            if k is not None:
+                b = menus[i][k]
+                g += gains[i][k] - 1.0
+                r += extra[i][k]
+                p = per[b.source]
+                p[0] += 1
+                p[1] += extra[i][k]
+                p[2].append((b.depth, i))
+        for p in per.values():
+            p[2] = sorted(p[2], reverse=True)[:2]  # the two deepest (one may be replaced)
+        return g, r, per
+
+    def rate(g, r, per, i=None, old=None, old_x=0.0, new=None, new_x=0.0):
+        c = t0
+        for s, (n, nodes, top) in per.items():
+            deep = next((d for d, j in top if j != i), 0)
+            if old is not None and old.source == s:
+                n -= 1
+                nodes -= old_x
+            if new is not None and new.source == s:
+                n += 1
+                nodes += new_x
+                deep = max(deep, new.depth)
+            if n > 0:
+                t0s, a, per_level, per_node = coef[s]
+                c += a - t0s + per_level * deep + per_node * nodes
+        return g / (host + c + verify(r))
+
+    g, r, per = totals(idx)
+    cur = rate(g, r, per)
+    for _ in range(2):
+        improved = False
+        for i in range(B):
+            k0 = idx[i]
+            old = menus[i][k0] if k0 is not None else None
+            old_x = extra[i][k0] if k0 is not None else 0.0
+            old_g = gains[i][k0] - 1.0 if k0 is not None else 0.0
+            for k in range(len(menus[i])):
+                new = menus[i][k] if menus[i][k].depth > 0 else None
+                kk = k if new is not None else None
+                if kk == k0:
+                    continue
+                new_x = extra[i][k] if new is not None else 0.0
+                new_g = gains[i][k] - 1.0 if new is not None else 0.0
+                rr = rate(g - old_g + new_g, r - old_x + new_x, per, i, old, old_x, new, new_x)
+                if rr > cur * (1 + 1e-12):
+                    idx = list(idx)
+                    idx[i] = kk
+                    g, r, per = totals(idx)
+                    cur, improved = rate(g, r, per), True
+                    k0, old = kk, new
+                    old_x, old_g = new_x, new_g
+        if not improved:
+            break
+    return idx, cur
 
 
 # -------------------------------------------------------------------------------- policies
@@ -514,10 +641,17 @@ class AutoPolicy:
         Fixed for the run.
     menu : list[Budget]
         The budgets the proposer offers (from :func:`default_menu` or the proposer's
-        ``budget_menu``), within the engine's limits.
+        ``budget_menu``), within the engine's limits. A :class:`specrt.proposers.ProposerSet`
+        offers each member's budgets tagged with its ``source``: the policy then also chooses,
+        per sequence and step, which member drafts, each with its own acceptance model and
+        drafting costs (``costs.members``).
     acceptance : AcceptanceModel, optional
+        The (first) member's model; the others get fresh ones.
     probe_every : int
         A sequence that decoded plainly this many steps in a row drafts once at depth 1.
+    self_sizing : set[int]
+        Sources whose proposer sizes its own trees from node confidences (EAGLE-2's
+        ``total_tokens="auto"``): their trees are verified as drafted.
 
     Reproducibility: a sampled request's tokens (fixed seed) depend on the trees it was
     verified with, hence on this policy's choices: on the cost table (cached per device, model,
@@ -532,80 +666,145 @@ class AutoPolicy:
 
     def __init__(self, costs: CostTable, menu: Sequence[Budget],
                  acceptance: Optional[AcceptanceModel] = None, probe_every: int = 16,
-                 memory: bool = True, cheap_draft: float = 0.02):
+                 memory: bool = True, cheap_draft: float = 0.02, self_sizing=()):
         if PLAIN not in menu:
             menu = [PLAIN, *menu]
         self.costs = costs
-        self.menu = sorted(set(menu), key=lambda b: (b.nodes, b.depth))
+        self.menu = sorted(set(menu), key=lambda b: (b.nodes, b.depth, b.source))
+        self.sources = sorted({b.source for b in self.menu if b.depth > 0}) or [-1]
+        if len(self.sources) > 1 and (-1 in self.sources or not costs.members
+                                      or max(self.sources) >= len(costs.members)):
+            raise ValueError("AutoPolicy: a menu of several sources needs every budget tagged "
+                             "with its member and per-member costs (CostTable.members)")
         self._w = {b: width_class(b) for b in self.menu}
-        self._max_w = max(self._w.values())
-        self._max_d = max(b.depth for b in self.menu)
-        self.acceptance = acceptance or AcceptanceModel()
+        self._max_w = {s: max(self._w[b] for b in self.menu if b.source == s or b.depth == 0)
+                       for s in self.sources}
+        self._max_d = {s: max(b.depth for b in self.menu if b.source == s or b.depth == 0)
+                       for s in self.sources}
+        self.models = {s: AcceptanceModel() for s in self.sources}
+        if acceptance is not None:
+            self.models[self.sources[0]] = acceptance
         self.probe_every = probe_every
         self.memory, self.cheap_draft = memory, cheap_draft
+        self.self_sizing = set(self_sizing)
         self._plain_run: dict = {}
         self._probing: set = set()
+        self._planned: dict = {}  # sid -> the budget plan() gave it this step
+
+    @property
+    def acceptance(self) -> AcceptanceModel:
+        """The acceptance model of the (first) proposer."""
+        return self.models[self.sources[0]]
 
     def reset(self) -> None:
         """Start of an ``Engine.stream`` call: per-sequence state goes; the proposer-wide
         acceptance statistics stay unless the policy was built with ``memory=False``."""
         if not self.memory:
-            self.acceptance.reset()
+            for m in self.models.values():
+                m.reset()
         self._plain_run.clear()
+        self._planned.clear()
 
     def forget(self) -> None:
         """Drop every statistic (as a freshly built policy)."""
-        self.acceptance.reset()
+        for m in self.models.values():
+            m.reset()
         self._plain_run.clear()
+        self._planned.clear()
+
+    def _largest(self, source: int, lim: int) -> Budget:
+        return max((b for b in self.menu if b.depth <= lim and (b.source == source or
+                                                                 b.depth == 0)),
+                   key=lambda b: (b.depth, b.nodes))
 
     def plan(self, sids: Sequence[int], limits: Sequence[int]) -> list:
         """Budgets for the batch ``sids`` before drafting; ``limits[i]``: the deepest draft
         sequence i may take (tokens left, ``max_draft``). A budget's rows are counted as the
         proposer is expected to fill them (its availability per level)."""
-        acc = self.acceptance
-        if self._drafting_is_cheap(len(sids)):
+        cheap = self._cheap_sources(len(sids))
+        self._probing = set()
+        if len(self.sources) == 1 and cheap:
             # Drafting the largest budget costs next to nothing (n-gram lookup, Lookahead's
             # pool, one head pass): draft it and let trim() decide on the real drafts (and
             # probe there: trim resets the count when it verifies a draft).
-            self._probing = set()
-            for sid in sids:
+            out = []
+            for sid, lim in zip(sids, limits):
                 run = self._plain_run.get(sid, 0)
                 if self.probe_every and run >= self.probe_every:
                     self._probing.add(sid)
                 self._plain_run[sid] = run + 1
-            return [max((b for b in self.menu if b.depth <= lim), key=lambda b: (b.depth, b.nodes))
-                    for lim in limits]
+                out.append(self._largest(self.sources[0], lim))
+            self._planned = dict(zip(sids, out))
+            return out
         menus, gains, extra = [], [], []
         by_lim: dict = {}
         for sid, lim in zip(sids, limits):
             m = by_lim.get(lim)
             if m is None:
                 m = by_lim[lim] = [b for b in self.menu if b.depth <= lim]
-            E, R = acc.expected_table(sid, self._max_w, min(lim, self._max_d))
+            tables = {}
+            for s in self.sources:
+                tables[s] = self.models[s].expected_table(sid, self._max_w[s],
+                                                          min(lim, self._max_d[s]))
+            g, x = [], []
+            for b in m:
+                if b.depth == 0:
+                    g.append(1.0)
+                    x.append(0.0)
+                    continue
+                E, R = tables[b.source]
+                w = self._w[b]
+                g.append(E[w][b.depth])
+                x.append((b.nodes - 1) / b.depth * R[w][b.depth])
             menus.append(m)
-            gains.append([E[self._w[b]][b.depth] for b in m])
-            extra.append([(b.nodes - 1) / b.depth * R[self._w[b]][b.depth] if b.depth else 0.0
-                          for b in m])
+            gains.append(g)
+            extra.append(x)
         pick, _ = choose(menus, gains, self.costs, extra)
         out = []
-        self._probing = set()
-        for sid, lim, b in zip(sids, limits, pick):
+        for i, (sid, lim, b) in enumerate(zip(sids, limits, pick)):
             run = self._plain_run.get(sid, 0)
+            if cheap and lim > 0 and (b.depth == 0 or b.source in cheap):
+                # a member whose drafting is nearly free drafts its largest budget (the one
+                # expected to give most) and trim() cuts it on the real drafts
+                if b.depth == 0:
+                    b = max((self._largest(s, lim) for s in cheap),
+                            key=lambda c: gains[i][menus[i].index(c)])
+                    if self.probe_every and run >= self.probe_every:
+                        self._probing.add(sid)
+                    self._plain_run[sid] = run + 1
+                else:
+                    b = self._largest(b.source, lim)
+                    self._plain_run[sid] = 0
+                out.append(b)
+                continue
             if b.depth == 0 and lim > 0 and self.probe_every and run >= self.probe_every:
-                b = min((x for x in self.menu if x.depth == 1), default=b, key=lambda x: x.nodes)
-                self._probing.add(sid)
+                # probe the member that looks best at depth 1
+                ones = [(g, c) for c, g in zip(menus[i], gains[i]) if c.depth == 1]
+                if ones:
+                    src = max(ones, key=lambda gc: gc[0])[1].source
+                    b = min((c for _, c in ones if c.source == src), key=lambda c: c.nodes)
+                    self._probing.add(sid)
             self._plain_run[sid] = run + 1 if b.depth == 0 else 0
             out.append(b)
+        self._planned = dict(zip(sids, out))
         return out
 
-    def _drafting_is_cheap(self, batch: int) -> bool:
+    def _cheap_sources(self, batch: int) -> set:
+        """Sources whose largest budget costs at most ``cheap_draft`` of a plain step to
+        draft."""
         hit = self.__dict__.setdefault("_cheap", {}).get(batch)
         if hit is None:
             c = self.costs
             plain = c.step(batch, 0, batch)
-            top = max(self.menu, key=lambda b: (b.depth, b.nodes))
-            extra = c.drafting(batch, top.depth, batch * (top.nodes - 1)) - c.drafting(batch, 0, 0)
-            hit = self._cheap[batch] = extra <= self.cheap_draft * plain
+            hit = set()
+            for s in self.sources:
+                top = self._largest(s, 1 << 30)
+                t0, a, per_level, per_node = c.draft_coef(batch, s)
+                extra = (a + per_level * top.depth + per_node * batch * (top.nodes - 1) - t0
+                         if top.depth else 0.0)
+                if extra <= self.cheap_draft * plain:
+                    hit.add(s)
+            self._cheap[batch] = hit
         return hit
 
     def trim(self, sids: Sequence[int], trees: Sequence, aux_rows: Sequence[int]) -> list:
@@ -613,14 +812,16 @@ class AutoPolicy:
         the drafts (and their real sizes) are known; their cost is spent, only verification
         counts. A tree keeps every node down to the chosen depth (:meth:`DraftTree.truncation`).
         Returns per tree ``(tree, kept node indices or None when unchanged)``."""
-        acc = self.acceptance
         menus, gains = [], []
         for sid, t in zip(sids, trees):
             D = t.max_depth
-            if D == 0:
-                menus.append([PLAIN])
+            src = self._planned.get(sid, PLAIN).source
+            if D == 0 or src in self.self_sizing:
+                b = Budget(D, t.num_nodes, src) if D else PLAIN
+                menus.append([b])
                 gains.append([1.0])
                 continue
+            acc = self.models.get(src, self.acceptance)
             counts = [0] * (D + 1)
             for d in t.depths.tolist():
                 counts[d] += 1
@@ -628,7 +829,7 @@ class AutoPolicy:
             opts, n = ([] if sid in self._probing else [PLAIN]), 1
             for d in range(1, D + 1):
                 n += counts[d]
-                opts.append(Budget(d, n))
+                opts.append(Budget(d, n, src))
             ws = [width_class(b) for b in opts]
             E, _ = acc.expected_table(sid, max(ws), D, drafted=True)
             menus.append(opts)
@@ -648,8 +849,12 @@ class AutoPolicy:
 
     def observe(self, sid: int, b: Budget, accepted: int, drafted: Optional[int] = None,
                 nodes: Optional[int] = None, verified: Optional[int] = None) -> None:
-        self.acceptance.observe(sid, b, accepted, drafted, nodes, verified)
+        m = self.models.get(b.source)
+        if m is not None:
+            m.observe(sid, b, accepted, drafted, nodes, verified)
 
     def release(self, sid: int) -> None:
-        self.acceptance.release(sid)
+        for m in self.models.values():
+            m.release(sid)
         self._plain_run.pop(sid, None)
+        self._planned.pop(sid, None)

@@ -10,6 +10,7 @@ from .medusa import MedusaHeads, MedusaProposer
 from .mlp_speculator import (MLPSpeculator, MLPSpeculatorProposer, default_mlp_speculator,
                             load_mlp_speculator)
 from .mtp import MTPProposer, default_mtp_modules, load_mtp_modules
+from .multi import ProposerSet
 from .ngram import NgramProposer
 from .self_spec import SelfSpecProposer, default_self_spec, load_self_spec, save_self_spec
 
@@ -19,7 +20,8 @@ __all__ = ["Proposer", "NoProposer", "SeqView", "StepResult", "NgramProposer",
            "default_medusa_heads", "default_eagle_head", "HorizontalCascade", "vertical_cascade",
            "SelfSpecProposer", "default_self_spec", "load_self_spec", "save_self_spec",
            "MTPProposer", "default_mtp_modules", "load_mtp_modules", "MLPSpeculator",
-           "MLPSpeculatorProposer", "default_mlp_speculator", "load_mlp_speculator"]
+           "MLPSpeculatorProposer", "default_mlp_speculator", "load_mlp_speculator",
+           "ProposerSet"]
 
 
 def _shipped(target, name: str, what: str, option: str) -> str:
@@ -59,10 +61,16 @@ def _tree_arg(tree):
 def create(name: str, target, args=None) -> Proposer:
     """Build a proposer by CLI name: ``none``, ``ngram``, ``draft``, ``self-spec`` (alias
     ``layer-skip``), ``medusa``, ``eagle``, ``lookahead``, ``cascade``, ``mtp``,
-    ``mlp-speculator``."""
+    ``mlp-speculator``; ``A|B[|C]`` for a :class:`ProposerSet` of those (e.g.
+    ``ngram|eagle``: the policy picks the member per sequence and step)."""
     k = (getattr(args, "num_draft", None) if args is not None else None) or 4
     if name in ("none", None):
         return NoProposer()
+    if "|" in name:
+        parts = name.split("|")
+        if any(p in ("none", "") for p in parts):
+            raise ValueError(f"bad proposer set {name!r}: members are drafting proposers")
+        return ProposerSet([create(p, target, args) for p in parts])
     if name == "ngram":
         return NgramProposer(k=k, max_branches=2)
     if name == "draft":

@@ -39,6 +39,10 @@ class SeqView:
         The step's node budget: tree nodes (root included) plus auxiliary rows. Every proposer
         honours it (a tree cut with :meth:`DraftTree.truncated` does); at most the engine's
         ``max_tree_nodes``.
+    source : int
+        The step's budget source (:class:`specrt.policy.Budget`): which member of a
+        :class:`~specrt.proposers.ProposerSet` drafts (-1: the set's own order); a single
+        proposer ignores it.
     """
 
     seq_id: int
@@ -53,6 +57,7 @@ class SeqView:
     max_draft: int
     options: dict = field(default_factory=dict)
     max_nodes: int = 1 << 30
+    source: int = -1
 
 
 @dataclass(frozen=True, slots=True)
