@@ -655,6 +655,7 @@ class Engine:
         else:
             host = host.cpu().tolist()
         mt = tb.max_t
+        observe_nodes = getattr(self.policy, "observe_nodes", None)
         results, finished, rows = [], [], []
         indptr = [0, *itertools.accumulate(tb.num_nodes)]  # host copy of tb.node_indptr
         for i, (s, row) in enumerate(zip(seqs, host)):
@@ -672,6 +673,8 @@ class Engine:
             s.out.metrics.record_step(trees[i].max_depth, na)
             self.policy.observe(s.sid, budgets[i], na, drafted[i], trees[i].num_nodes,
                                 trees[i].max_depth)
+            if trees[i].node_logp is not None and observe_nodes is not None:
+                observe_nodes(s.sid, trees[i], path)
             rows.append([indptr[i] + j for j in path])
             if node_maps is not None and node_maps[i] is not None:
                 path = [node_maps[i][j] for j in path]  # back to the proposer's numbering

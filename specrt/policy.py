@@ -35,8 +35,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-__all__ = ["Budget", "PLAIN", "CostTable", "AcceptanceModel", "choose", "default_menu",
-           "width_class", "FixedPolicy", "AutoPolicy"]
+__all__ = ["Budget", "PLAIN", "CostTable", "AcceptanceModel", "NodeAcceptance", "choose",
+           "confidence_order", "default_menu", "width_class", "FixedPolicy", "AutoPolicy"]
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -390,6 +390,54 @@ class AcceptanceModel:
                 cc.succ[key] = cc.succ.get(key, 0.0) + (1.0 if hit else 0.0)
 
 
+class NodeAcceptance:
+    """Per proposer: the probability that a tree node ends up on the accepted path, from the
+    proposer's own confidence in it (``DraftTree.node_logp``, ``q = exp(logp)``): verified
+    nodes are counted per bin of ``q`` (``bins`` equal bins, exponentially decayed by
+    ``decay`` per tree), each bin's rate shrunk towards ``q`` itself with weight
+    ``prior_weight`` (a new proposer is taken at its word). Proposer-wide only: a sequence's
+    own text shows in its confidences."""
+
+    def __init__(self, bins: int = 10, prior_weight: float = 8.0, decay: float = 0.998):
+        if bins < 1 or prior_weight <= 0 or not (0 < decay <= 1):
+            raise ValueError("NodeAcceptance: bins >= 1, prior_weight > 0, 0 < decay <= 1")
+        self.bins, self.prior_weight, self.decay = bins, prior_weight, decay
+        self.reset()
+
+    def reset(self) -> None:
+        self.succ = [0.0] * self.bins
+        self.trials = [0.0] * self.bins
+
+    def _bin(self, q: float) -> int:
+        return min(self.bins - 1, max(0, int(q * self.bins)))
+
+    def prob(self, logp: float) -> float:
+        q = math.exp(logp)
+        b = self._bin(q)
+        return (self.succ[b] + self.prior_weight * q) / (self.trials[b] + self.prior_weight)
+
+    def observe(self, logps: Sequence[float], accepted: Sequence[bool]) -> None:
+        """One verified tree: each non-root node's confidence and whether it was accepted."""
+        d = self.decay
+        if d < 1:
+            self.succ = [x * d for x in self.succ]
+            self.trials = [x * d for x in self.trials]
+        for lp, hit in zip(logps, accepted):
+            b = self._bin(math.exp(lp))
+            self.trials[b] += 1.0
+            self.succ[b] += 1.0 if hit else 0.0
+
+
+def confidence_order(tree) -> list:
+    """Non-root nodes of a tree with ``node_logp``, likeliest first (a node's confidence
+    capped at its parent's, ties in node order): every prefix is ancestor-closed."""
+    lp, par = tree.node_logp, tree.parents.tolist()
+    eff = [0.0] * len(lp)
+    for i in range(1, len(lp)):
+        eff[i] = min(lp[i], eff[par[i]])
+    return sorted(range(1, len(lp)), key=lambda i: (-eff[i], i)), eff
+
+
 # -------------------------------------------------------------------------------- decision
 def _hull(points):
     """Upper concave hull of ``(extra rows, gain, index)`` points, starting at (0, 0); returns
@@ -684,6 +732,7 @@ class AutoPolicy:
         self.models = {s: AcceptanceModel() for s in self.sources}
         if acceptance is not None:
             self.models[self.sources[0]] = acceptance
+        self.node_models = {s: NodeAcceptance() for s in self.sources}
         self.probe_every = probe_every
         self.memory, self.cheap_draft = memory, cheap_draft
         self.self_sizing = set(self_sizing)
@@ -700,14 +749,14 @@ class AutoPolicy:
         """Start of an ``Engine.stream`` call: per-sequence state goes; the proposer-wide
         acceptance statistics stay unless the policy was built with ``memory=False``."""
         if not self.memory:
-            for m in self.models.values():
+            for m in (*self.models.values(), *self.node_models.values()):
                 m.reset()
         self._plain_run.clear()
         self._planned.clear()
 
     def forget(self) -> None:
         """Drop every statistic (as a freshly built policy)."""
-        for m in self.models.values():
+        for m in (*self.models.values(), *self.node_models.values()):
             m.reset()
         self._plain_run.clear()
         self._planned.clear()
@@ -812,14 +861,33 @@ class AutoPolicy:
         the drafts (and their real sizes) are known; their cost is spent, only verification
         counts. A tree keeps every node down to the chosen depth (:meth:`DraftTree.truncation`).
         Returns per tree ``(tree, kept node indices or None when unchanged)``."""
-        menus, gains = [], []
+        menus, gains, orders = [], [], []
         for sid, t in zip(sids, trees):
             D = t.max_depth
             src = self._planned.get(sid, PLAIN).source
+            orders.append(None)
             if D == 0 or src in self.self_sizing:
                 b = Budget(D, t.num_nodes, src) if D else PLAIN
                 menus.append([b])
                 gains.append([1.0])
+                continue
+            if t.node_logp is not None:
+                # node by node, likeliest first: prefix n keeps the n most confident nodes
+                order, eff = confidence_order(t)
+                nm = self.node_models.get(src) or next(iter(self.node_models.values()))
+                depths = t.depths.tolist()
+                opts, g = ([] if sid in self._probing else [PLAIN]), []
+                e, deep = 1.0, 0
+                if opts:
+                    g.append(1.0)
+                for n, node in enumerate(order, 1):
+                    e += nm.prob(eff[node])
+                    deep = max(deep, depths[node])
+                    opts.append(Budget(deep, n + 1, src))
+                    g.append(e)
+                menus.append(opts)
+                gains.append(g)
+                orders[-1] = order
                 continue
             acc = self.models.get(src, self.acceptance)
             counts = [0] * (D + 1)
@@ -844,14 +912,35 @@ class AutoPolicy:
                     B, base + bg[0].nodes - 1))[0]
             if b.depth > 0:
                 self._plain_run[sid] = 0
-        return [t.truncation(b.depth, b.nodes) if b.depth < t.max_depth else (t, None)
-                for t, b in zip(trees, pick)]
+        out = []
+        for t, b, order in zip(trees, pick, orders):
+            if order is not None:
+                if b.nodes >= t.num_nodes:
+                    out.append((t, None))
+                else:
+                    keep = sorted([0, *order[:b.nodes - 1]])
+                    out.append((t.select(keep), keep))
+            else:
+                out.append(t.truncation(b.depth, b.nodes) if b.depth < t.max_depth
+                           else (t, None))
+        return out
 
     def observe(self, sid: int, b: Budget, accepted: int, drafted: Optional[int] = None,
                 nodes: Optional[int] = None, verified: Optional[int] = None) -> None:
         m = self.models.get(b.source)
         if m is not None:
             m.observe(sid, b, accepted, drafted, nodes, verified)
+
+    def observe_nodes(self, sid: int, tree, path: Sequence[int]) -> None:
+        """A verified tree with confidences (``tree.node_logp``) and its accepted path (node
+        indices, root first)."""
+        src = self._planned.get(sid, PLAIN).source
+        nm = self.node_models.get(src)
+        if nm is None or tree.node_logp is None or tree.num_nodes < 2:
+            return
+        on = set(path)
+        _, eff = confidence_order(tree)
+        nm.observe(eff[1:], [i in on for i in range(1, tree.num_nodes)])
 
     def release(self, sid: int) -> None:
         for m in self.models.values():

@@ -245,6 +245,11 @@ class DraftTree:
         Chains only: row ``j`` is the distribution node ``j``'s child was drawn from. The row
         of the leaf is never read, so a proposer may hand only the ``T-1`` rows it sampled
         from; :func:`batch_trees` pads the leaf row with zeros. Kept on its own device.
+    node_logp : float sequence [T], optional
+        The proposer's confidence in each node: log-probability, by its own model, that the
+        path from the root to the node is what the target produces (0 at the root, never
+        above its parent's). The cost-aware policy trims such trees node by node, likeliest
+        first (:mod:`specrt.policy`); verification never reads it.
 
     Treat a tree as immutable: derived data is cached and shared between trees of the same
     shape, and accessors return those cached tensors (do not write into them).
@@ -253,6 +258,7 @@ class DraftTree:
     tokens: torch.Tensor
     parents: torch.Tensor
     draft_probs: Optional[torch.Tensor] = None
+    node_logp: Optional[tuple] = None
     _topo: _Topology = field(init=False)
     _tokens_np: np.ndarray = field(init=False)
 
@@ -280,6 +286,13 @@ class DraftTree:
             raise ValueError(f"token id {hi} does not fit in int32")
         if draft_probs is not None:
             _check_draft_probs(draft_probs, topo)
+        if self.node_logp is not None:
+            lp = tuple(float(x) for x in self.node_logp)
+            if len(lp) != topo.num_nodes:
+                raise ValueError(f"node_logp has {len(lp)} entries for {topo.num_nodes} nodes")
+            if any(not (x <= 0.0) for x in lp):  # NaN too
+                raise ValueError("node_logp values must be log-probabilities (<= 0)")
+            self.node_logp = lp
         self._topo = topo
         self._tokens_np = tok  # shares memory with self.tokens
         self.tokens = torch.from_numpy(tok)
@@ -290,8 +303,10 @@ class DraftTree:
 
     @classmethod
     def _make(cls, tokens: IntSeq, topo: _Topology,
-              draft_probs: Optional[torch.Tensor] = None) -> "DraftTree":
-        return cls(tokens, topo, draft_probs)  # __post_init__ sees a _Topology and skips checks
+              draft_probs: Optional[torch.Tensor] = None,
+              node_logp: Optional[Sequence[float]] = None) -> "DraftTree":
+        # __post_init__ sees a _Topology and skips its checks
+        return cls(tokens, topo, draft_probs, node_logp)
 
     @classmethod
     def single(cls, root_token: int) -> "DraftTree":
@@ -395,8 +410,7 @@ class DraftTree:
         nodes = [0]
         while kids[nodes[-1]]:
             nodes.append(kids[nodes[-1]][0])
-        tok = self._tokens_np
-        return DraftTree.chain(int(tok[0]), [int(tok[n]) for n in nodes[1:]]), nodes
+        return self.select(nodes), nodes
 
     def truncated(self, max_depth: int, max_nodes: int) -> "DraftTree":
         """This tree cut to a draft budget: the nodes of depth <= ``max_depth``, the first
@@ -411,13 +425,26 @@ class DraftTree:
             return self, None
         depths = self.depths.tolist()
         keep = [i for i, d in enumerate(depths) if d <= max_depth][:max(1, max_nodes)]
+        return self.select(keep), keep
+
+    def select(self, keep: Sequence[int]) -> "DraftTree":
+        """The tree of the nodes ``keep`` (increasing indices, the root first, every kept
+        node's parent kept), renumbered in that order; draft probabilities and confidences
+        follow their nodes."""
+        keep = list(keep)
         where = {n: j for j, n in enumerate(keep)}
         par = self._topo.parents
-        parents = [-1] + [where[par[n]] for n in keep[1:]]
+        if not keep or keep[0] != 0 or any(a >= b for a, b in zip(keep, keep[1:])):
+            raise ValueError("select: increasing node indices starting at the root")
+        try:
+            parents = [-1] + [where[par[n]] for n in keep[1:]]
+        except KeyError:
+            raise ValueError("select: a kept node's parent is not kept") from None
         probs = self.draft_probs
         if probs is not None:  # chains only: rows of the kept nodes (the leaf row may be absent)
             probs = probs[: min(len(keep), probs.shape[0])]
-        return DraftTree(self._tokens_np[keep].tolist(), parents, probs), keep
+        lp = None if self.node_logp is None else [self.node_logp[n] for n in keep]
+        return DraftTree(self._tokens_np[keep].tolist(), parents, probs, lp)
 
     def packed_mask(self) -> torch.Tensor:
         """int32 [T, ceil(T/32)]: row ``i`` has the bits of ``i``'s ancestors and ``i``."""

@@ -70,6 +70,8 @@ def test_unknown_proposer_is_a_clear_error(capsys):
 
     with pytest.raises(ValueError, match="unknown proposer"):
         create("medusa-x", target=None, args=Namespace(num_draft=4))
+    with pytest.raises(ValueError, match="proposer set"):
+        create("ngram|none", target=None, args=Namespace(num_draft=4))
 
 
 def test_create_lookahead_defaults_and_options():
@@ -91,7 +93,8 @@ def test_create_lookahead_defaults_and_options():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("proposer", ["none", "ngram", "lookahead", "self-spec", "cascade", "mtp", "mlp-speculator"])
+@pytest.mark.parametrize("proposer", ["none", "ngram", "lookahead", "self-spec", "cascade", "mtp",
+                                      "mlp-speculator", "ngram|medusa"])
 def test_generate_default_model_streams_and_summarizes(proposer):
     r = _run("generate", "--chat", "--prompt", "Write a Python function that adds two numbers.",
              "--max-new-tokens", "24", "--proposer", proposer)
@@ -101,3 +104,5 @@ def test_generate_default_model_streams_and_summarizes(proposer):
     assert summary and "tok/s" in summary[-1]
     if proposer != "none":
         assert "mean accepted length" in summary[-1]
+    if "|" in proposer:  # a proposer set: what each member drafted
+        assert "drafted by" in summary[-1] and "medusa:" in summary[-1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import time
 
@@ -457,3 +458,76 @@ def test_bad_policy_is_refused(target):
         Engine(target, policy="fastest")
     with pytest.raises(ValueError, match="plan"):
         Engine(target, policy=object())
+
+
+# ------------------------------------------------------------------------------ confidences
+def test_node_acceptance_learns_the_calibration_of_confidences():
+    from specrt.policy import NodeAcceptance
+    rng = random.Random(0)
+    nm = NodeAcceptance(decay=1.0)
+    assert nm.prob(math.log(0.3)) == pytest.approx(0.3)  # untrained: taken at its word
+    for _ in range(3000):  # an over-confident proposer: accepted with probability q^2
+        qs = [rng.random() for _ in range(5)]
+        nm.observe([math.log(max(q, 1e-9)) for q in qs], [rng.random() < q * q for q in qs])
+    for q in (0.15, 0.45, 0.75, 0.95):
+        assert nm.prob(math.log(q)) == pytest.approx(q * q, abs=0.06)
+
+
+def test_trim_by_confidence_keeps_the_likeliest_nodes_not_the_shallowest():
+    from specrt.tree import DraftTree
+    # root -> a (0.9) -> c (0.8 along the path); root -> b (0.05)
+    t = DraftTree([5, 1, 2, 3], [-1, 0, 0, 1], node_logp=[0.0, math.log(0.9), math.log(0.05),
+                                                          math.log(0.8)])
+    menu = default_menu(3, 8, tree=True)
+
+    def cut(verify):
+        pol = AutoPolicy(CostTable.synthetic(verify, batch_sizes=(1, 2)), menu)
+        return pol.trim([0], [t], [0])[0]
+
+    tr, keep = cut(lambda b, r: 1.0)
+    assert tr is t and keep is None  # flat: keep everything
+    tr, keep = cut(lambda b, r: float(r))
+    assert keep == [0]  # every row costs a step: plain
+    tr, keep = cut(lambda b, r: 1.0 + 0.3 * (r - 1))
+    assert keep == [0, 1, 3] and tr.tokens.tolist() == [5, 1, 3]  # b dropped, c kept
+    assert tr.parents.tolist() == [-1, 0, 1] and tr.node_logp[2] == pytest.approx(math.log(0.8))
+
+
+def test_node_confidences_are_observed_and_drive_the_trim(target):
+    """Medusa under auto with a table where rows cost: its trees are cut by confidence (not
+    only by depth), the node model learns from the verified trees, and greedy output stays
+    equal to plain decoding."""
+    prompts = _prompts(4)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    ref = [o.token_ids for o in Engine(target, page_size=4).generate(prompts, params)]
+    prop = MedusaProposer(target, _medusa_heads(target, 3), num_nodes=12, top_k=3)
+    eng = Engine(target, proposer=prop, page_size=4, max_batch_size=4, max_draft=3,
+                 policy="fixed")
+    eng.policy = AutoPolicy(CostTable.synthetic(lambda b, r: 1.0 + 0.05 * (r - b),
+                                                batch_sizes=(1, 2, 4)), eng.budget_menu())
+    outs = eng.generate(prompts, params)
+    assert [o.token_ids for o in outs] == ref
+    nm = eng.policy.node_models[-1]
+    assert sum(nm.trials) > 50
+    # trees verified with fewer nodes than drafted at the same depth: cut node by node
+    hist = eng.metrics.budget_hist
+    assert any(n < 1 + 3 * d for (d, n) in hist if d >= 1), hist
+
+
+def test_tree_select_and_confidences_are_checked():
+    from specrt.tree import DraftTree
+    t = DraftTree([5, 1, 2, 3], [-1, 0, 0, 1], node_logp=[0.0, -0.1, -2.0, -0.3])
+    s = t.select([0, 2])
+    assert s.tokens.tolist() == [5, 2] and s.node_logp == (0.0, -2.0)
+    with pytest.raises(ValueError, match="parent"):
+        t.select([0, 3])
+    with pytest.raises(ValueError, match="increasing"):
+        t.select([1, 2])
+    with pytest.raises(ValueError, match="entries"):
+        DraftTree([5, 1], [-1, 0], node_logp=[0.0])
+    with pytest.raises(ValueError, match="log-prob"):
+        DraftTree([5, 1], [-1, 0], node_logp=[0.0, 0.5])
+    with pytest.raises(ValueError, match="log-prob"):
+        DraftTree([5, 1], [-1, 0], node_logp=[0.0, float("nan")])
+    ch, nodes = t.first_chain()
+    assert nodes == [0, 1, 3] and ch.is_chain and ch.node_logp == (0.0, -0.1, -0.3)

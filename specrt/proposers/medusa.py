@@ -626,10 +626,12 @@ class MedusaProposer(LastHiddenProposer):
                 trees[i] = DraftTree._make(toks, topo).truncated(depth, s.max_nodes)
                 continue
             paths = _best_paths(lps[j], min(self.max_nodes, s.max_nodes) - 1, depth)
-            tokens, parents, index = [root], [-1], {(): 0}
+            tokens, parents, index, logp = [root], [-1], {(): 0}, [0.0]
             for p in paths:
                 index[p] = len(tokens)
                 parents.append(index[p[:-1]])
                 tokens.append(ids[j][len(p) - 1][p[-1]])
-            trees[i] = DraftTree._make(tokens, _topology(tuple(parents)))
+                logp.append(min(0.0, logp[index[p[:-1]]] + lps[j][len(p) - 1][p[-1]]))
+            # the heads' path probabilities: the policy trims node by node on them
+            trees[i] = DraftTree._make(tokens, _topology(tuple(parents)), node_logp=logp)
         return trees

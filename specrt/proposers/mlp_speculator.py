@@ -362,14 +362,17 @@ def default_mlp_speculator(target) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def merge_paths(root: int, paths: Sequence[Sequence[int]], budget: int) -> tuple:
+def merge_paths(root: int, paths: Sequence[Sequence[int]], budget: int,
+                scores: Optional[Sequence[float]] = None) -> tuple:
     """Merge token paths (best first) on their shared prefixes into one tree of at most
     ``budget`` draft nodes (root excluded). A path that no longer fits adds the prefix that
     does, then merging stops. Returns ``(tokens, parents)`` with the root at node 0, nodes in
-    topological order."""
-    tokens, parents = [root], [-1]
+    topological order; with the paths' log-probability ``scores``, ``(tokens, parents,
+    node_logp)``: each node's score is that of the first (best) path through it, a lower bound
+    of its prefix's probability (0 at the root)."""
+    tokens, parents, logp = [root], [-1], [0.0]
     index: dict = {(): 0}
-    for path in paths:
+    for j, path in enumerate(paths):
         if len(tokens) - 1 >= budget:
             break
         key = ()
@@ -381,8 +384,10 @@ def merge_paths(root: int, paths: Sequence[Sequence[int]], budget: int) -> tuple
                 index[child] = len(tokens)
                 tokens.append(int(tok))
                 parents.append(index[key])
+                if scores is not None:
+                    logp.append(min(0.0, float(scores[j])))
             key = child
-    return tokens, parents
+    return (tokens, parents) if scores is None else (tokens, parents, logp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,9 +504,12 @@ class MLPSpeculatorProposer(LastHiddenProposer):
             if d not in host:
                 paths, score = levels[d - 1]
                 nc = min(self.n_candidates, paths.shape[1])
-                best = score.topk(nc, dim=1).indices  # ties: torch's order, deterministic
-                host[d] = torch.gather(paths, 1, best.unsqueeze(-1).expand(-1, -1, d)).cpu().tolist()
-            toks, parents = merge_paths(seqs[i].token_ids[-1], host[d][j],
-                                        min(self.max_nodes, seqs[i].max_nodes) - 1)
-            trees[i] = DraftTree._make(toks, _topology(tuple(parents)))
+                top = score.topk(nc, dim=1)  # ties: torch's order, deterministic
+                host[d] = (torch.gather(paths, 1, top.indices.unsqueeze(-1).expand(-1, -1, d))
+                           .cpu().tolist(), top.values.cpu().tolist())
+            toks, parents, logp = merge_paths(seqs[i].token_ids[-1], host[d][0][j],
+                                              min(self.max_nodes, seqs[i].max_nodes) - 1,
+                                              host[d][1][j])
+            # confidences: the policy trims node by node on them
+            trees[i] = DraftTree._make(toks, _topology(tuple(parents)), node_logp=logp)
         return trees

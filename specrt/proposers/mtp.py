@@ -875,7 +875,8 @@ class MTPProposer(Proposer):
         tokens = [s.token_ids[-1]] + [d.tokens[n] for n in kp]
         parents = [-1] + [where[d.parents[n]] if d.parents[n] >= 0 else 0 for n in kp]
         self.last_sizes.append(len(tokens))
-        return DraftTree(tokens, parents)
+        # the modules' path log-probabilities: the policy trims node by node on them
+        return DraftTree(tokens, parents, node_logp=[0.0] + [min(0.0, d.scores[n]) for n in kp])
 
 
 def from_args(target, args=None) -> MTPProposer:
