@@ -639,11 +639,14 @@ def main(argv=None):
                if args.repeats > 1 else []),
              "| prompts | T | batch | system | tok/s | speed-up | mean acc. len | acceptance | per-depth acceptance | rows / fwd | target ms / fwd | greedy == plain |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def cell(name):  # a proposer set's "a|b" inside a table cell
+        return name.replace("|", "\\|")
+
     for r in result["runs"]:
         pol = f" ({r['policy']})" if r.get("policy") and r["proposer"] != "none" else ""
         rounds = r.get("tokens_per_s_rounds")
         spread = f" ({min(rounds):.1f}-{max(rounds):.1f})" if rounds else ""
-        lines.append(f"| {r['prompt_set']} | {r['temperature']} | {r['batch']} | specrt {r['proposer']}{pol} | {r['tokens_per_s']:.1f}{spread} | "
+        lines.append(f"| {r['prompt_set']} | {r['temperature']} | {r['batch']} | specrt {cell(r['proposer'])}{pol} | {r['tokens_per_s']:.1f}{spread} | "
                      f"{r.get('speedup_vs_plain', 1):.2f} | {r['mean_accepted_length']:.2f} | "
                      f"{r['acceptance_rate']:.1%} | {' '.join(f'{a:.2f}' for a in r['depth_acceptance'][:5])} | "
                      f"{r.get('rows_per_forward', 0):.1f} | {r.get('target_ms_per_forward', 0):.1f} | "
@@ -652,12 +655,22 @@ def main(argv=None):
         own = f", identical to its own plain {r['identical_to_own_plain']}" if r.get("identical_to_own_plain") else ""
         lines.append(f"| {r['prompt_set']} | 0 | {r.get('batch', 1)} | {r['system']} ({r['mode']}, {r['device']}) | {r['tokens_per_s']:.1f} | "
                      f"specrt {r.get('specrt_counterpart')} is x{r.get('specrt_over_peer') or 0:.2f} | | | | | | agrees {r['greedy_agrees_with_specrt']}{own} |")
-    budget_lines = [f"| {r['prompt_set']} | {r['batch']} | {r['proposer']} ({r['policy']}) | "
+    budget_lines = [f"| {r['prompt_set']} | {r['batch']} | {cell(r['proposer'])} ({r['policy']}) | "
                     + ", ".join(f"{k}: {v}" for k, v in list(r["budgets"].items())[:6]) + " |"
                     for r in result["runs"] if r["proposer"] != "none"]
     if budget_lines:
         lines += ["", "Draft budgets per sequence-step (depth/nodes: count, most used first):", "",
                   "| prompts | batch | system | budgets |", "|---|---|---|---|"] + budget_lines
+    # proposer sets: which member drafted (sequence-steps with a draft / tokens accepted; all
+    # rounds and the warm-up together)
+    set_lines = [f"| {r['prompt_set']} | {r['batch']} | {cell(r['proposer'])} ({r['policy']}) | "
+                 + ", ".join(f"{k}: {v['drafted']} / {v['accepted']}"
+                             for k, v in r["proposer_stats"]["proposer"].items()) + " |"
+                 for r in result["runs"] if "|" in r["proposer"] and r.get("proposer_stats")]
+    if set_lines:
+        lines += ["", "Proposer sets: drafted by (sequence-steps drafted / tokens accepted, every "
+                  "round and the warm-up):", "", "| prompts | batch | system | members |",
+                  "|---|---|---|---|"] + set_lines
     if "synthetic" in result:
         s = result["synthetic"]
         lines += ["", f"Synthetic Llama-3-8B geometry, {s['layers']} layers, context {s['context']}, {s['dtype']} ({s['note']}):",

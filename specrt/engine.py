@@ -195,7 +195,9 @@ class Engine:
     ----------
     model : a specrt native model (``specrt.models``)
     tokenizer : ``specrt.models.Tokenizer`` or None (then prompts must be token ids)
-    proposer : Proposer or None (plain decoding)
+    proposer : Proposer or None (plain decoding); a
+        :class:`~specrt.proposers.ProposerSet` for several at once (the policy picks the
+        member per sequence and step)
     page_size, num_pages : paged cache geometry (``num_pages`` default: from ``memory_bytes``,
         else enough for ``max_batch_size`` sequences of ``max_seq_len``)
     max_batch_size : requests decoded together
