@@ -3,7 +3,9 @@
 Measured per engine (device, model, dtype, page size, proposer and its settings):
 
 - **verify**: the target forward over ``n`` tree rows for each of ``B`` sequences with a
-  128-token context, on a grid of batch sizes (1, 2, 4, ... up to ``max_batch_size``) and rows
+  128-token context (and, since version 7, the shapes of up to 16 rows again at 512, or as
+  long as the engine's ``max_seq_len`` allows, skipped below 256: the table interpolates in
+  the batch's mean context), on a grid of batch sizes (1, 2, 4, ... up to ``max_batch_size``) and rows
   per sequence (1 .. ``max_tree_nodes``), coarse grid first, then refined while the time
   budget lasts; total rows are capped (the table extrapolates linearly past them). Each shape
   is timed as a ratio to the 1-row forward of its batch size timed just before it (a drifting
@@ -52,8 +54,9 @@ __all__ = ["cache_dir", "cost_key", "calibrate", "load_or_calibrate", "device_na
 _NODE_COARSE = (1, 2, 4, 8, 16, 32, 64)
 _NODE_FINE = (3, 5, 6, 10, 12, 24, 48)
 _PREFIX = 128
+_LONG = 512
 _ROW_CAP = 512
-_VERSION = 6  # 2: row-major grid; 3: CPU GEMM (ops.linear); 4: interleaved passes, isotonic;
+_VERSION = 7  # 7: verify grid also at a long context; 2: row-major grid; 3: CPU GEMM (ops.linear); 4: interleaved passes, isotonic;
 #              5: each shape timed as a ratio to the 1-row shape timed just before it;
 #              6: host time of plain steps; drafted steps' extra host time in the draft fit
 
@@ -117,6 +120,7 @@ def cost_key(engine) -> dict:
         "max_batch_size": engine.max_batch_size,
         "max_tree_nodes": engine.max_tree_nodes,
         "max_draft": engine.max_draft,
+        "max_seq_len": engine.max_seq_len,  # the long-context grid needs room
         "proposer": proposer_signature(engine.proposer),
     }
 
@@ -197,9 +201,10 @@ def _isotonic(ys: list) -> list:
 
 @torch.no_grad()
 def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
-                 reps: int = 3, small_reps: int = 9, small: int = 8) -> dict:
-    """``{(B, n): seconds}`` for B sequences of n rows each, after one untimed forward per
-    shape (a new GEMM shape's first call pays for its setup).
+                 reps: int = 3, small_reps: int = 9, small: int = 8,
+                 prefix: int = _PREFIX) -> dict:
+    """``{(B, n): seconds}`` for B sequences of n rows each with ``prefix`` cached tokens,
+    after one untimed forward per shape (a new GEMM shape's first call pays for its setup).
 
     A shared machine's speed drifts by tens of percent within seconds, more than the cost of a
     few extra rows, so each shape with n > 1 is timed right after the 1-row shape of its batch
@@ -211,19 +216,19 @@ def _time_verify(model, device, dtype, batch_sizes, node_sizes, deadline: float,
     cfg = model.config
     max_b, max_n = max(batch_sizes), max(node_sizes)
     page = 16
-    per_seq = -(-(_PREFIX + max_n) // page)
+    per_seq = -(-(prefix + max_n) // page)
     cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page,
                          max_b * per_seq + 1, dtype, device)
     for s in range(max_b):
         cache.add_sequence(s)
-        cache.reserve(s, _PREFIX + max_n)
-        cache.commit(s, _PREFIX)
+        cache.reserve(s, prefix + max_n)
+        cache.commit(s, prefix)
     base: dict = {B: [] for B in batch_sizes}  # t(B, 1) samples
     ratios: dict = {}  # (B, n) -> [t(B, n) / t(B, 1) timed just before]
 
     def run(B, n):
         tree = DraftTree([1] * n, [-1] + [(i - 1) // 2 for i in range(1, n)])
-        tb = batch_trees([tree] * B, [_PREFIX] * B, device=device)
+        tb = batch_trees([tree] * B, [prefix] * B, device=device)
         meta = build_metadata(cache, list(range(B)), tb, device)
         _sync(device)
         t = time.perf_counter()
@@ -382,7 +387,13 @@ def calibrate(engine, menu, *, budget_s: float = 20.0) -> CostTable:
     nodes = sorted({n for n in (*_NODE_COARSE, *_NODE_FINE) if n <= engine.max_tree_nodes}
                    | {max(1, engine.max_tree_nodes)})
     ver = _time_verify(model, dev, engine.dtype, batch_sizes, nodes,
-                       t_start + 0.6 * budget_s)
+                       t_start + 0.42 * budget_s)
+    # the same shapes (up to 16 rows) at a long context: extra rows cost more there
+    long_ctx = min(_LONG, engine.max_seq_len - engine.max_tree_nodes - 1)
+    ver_long = (_time_verify(model, dev, engine.dtype, batch_sizes,
+                             [n for n in nodes if n <= 16] + [nodes[-1]],
+                             t_start + 0.6 * budget_s, reps=2, small_reps=5, prefix=long_ctx)
+                if long_ctx > 2 * _PREFIX else {})
     cal_b = sorted({1, min(8, engine.max_batch_size)})
     members = getattr(engine.proposer, "members", None) or ()
     fits, hosts = {}, {}
@@ -424,11 +435,15 @@ def calibrate(engine, menu, *, budget_s: float = 20.0) -> CostTable:
         return a + (b - a) * f
 
     bs, rows, vs, hs, ds = [], [], [], [], []
+    long_rows, long_vs = [], []
     ms = [[] for _ in members]
     for B in batch_sizes:
         pts = sorted((B * n, t) for (b, n), t in ver.items() if b == B)
         if len(pts) < 1:
             continue
+        lpts = sorted((B * n, t) for (b, n), t in ver_long.items() if b == B)
+        long_rows.append([r for r, _ in lpts] or [r for r, _ in pts])
+        long_vs.append([t for _, t in lpts] or [t for _, t in pts])
         bs.append(B)
         rows.append([r for r, _ in pts])
         vs.append([t for _, t in pts])
@@ -441,4 +456,6 @@ def calibrate(engine, menu, *, budget_s: float = 20.0) -> CostTable:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "calibration_s": round(time.perf_counter() - t_start, 3),
             "menu": [[b.depth, b.nodes] + ([b.source] if b.source >= 0 else []) for b in menu]}
-    return CostTable(bs, rows, vs, hs, ds, meta, ms if members else None)
+    long = ({"context": long_ctx, "base": _PREFIX, "rows": long_rows, "verify_s": long_vs}
+            if ver_long else None)
+    return CostTable(bs, rows, vs, hs, ds, meta, ms if members else None, long)

@@ -543,6 +543,9 @@ class Engine:
             left = min(s.params.max_new_tokens - len(s.out.token_ids),
                        self.max_seq_len - len(s.tokens))
             limits.append(max(0, min(self.max_draft, left - 1)))
+        set_context = getattr(self.policy, "set_context", None)
+        if set_context is not None:  # verify costs grow with the cached context
+            set_context(sum(len(s.tokens) for s in seqs) / len(seqs))
         budgets = self.policy.plan([s.sid for s in seqs], limits)
         mt_nodes = self.max_tree_nodes
         views = [s.view(len(s.tokens) - 1, min(b.depth, lim), min(b.nodes, mt_nodes), b.source)

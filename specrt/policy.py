@@ -121,6 +121,11 @@ class CostTable:
         budget of the batch; draft nodes: summed over the batch, roots excluded).
     meta : dict
         Where and how it was measured (device, model, dtype, proposer, date, command).
+    long : dict or None
+        The verify grid timed again at a longer context: ``{"context": L, "base": B0, "rows":
+        [...], "verify_s": [...]}`` (per batch size, like ``rows`` / ``verify_s``, which hold
+        context ``B0``). :meth:`verify` then interpolates linearly in the context (attention
+        reads every key once per row), extrapolating up to 3x the gap past ``L``.
     members : list or None
         For a :class:`specrt.proposers.ProposerSet`: per member, per batch size, its own
         ``[t0, a, per_level, per_node]`` (``draft`` then holds the set's plain steps). A step
@@ -135,6 +140,7 @@ class CostTable:
     draft: list
     meta: dict = field(default_factory=dict)
     members: Optional[list] = None
+    long: Optional[dict] = None
 
     def __post_init__(self):
         n = len(self.batch_sizes)
@@ -147,6 +153,11 @@ class CostTable:
                 raise ValueError("CostTable: rows must be increasing, one time per row count")
         if any(len(d) != 4 for d in self.draft):
             raise ValueError("CostTable: draft entries are [t0, a, per_level, per_node]")
+        lg = self.long
+        if lg is not None and (len(lg.get("rows", ())) != n or len(lg.get("verify_s", ())) != n
+                               or not lg.get("context", 0) > lg.get("base", 0)):
+            raise ValueError("CostTable: long = {context > base, rows and verify_s per batch "
+                             "size}")
         for m in self.members or ():
             if len(m) != n or any(len(d) != 4 for d in m):
                 raise ValueError("CostTable: each member has [t0, a, per_level, per_node] per "
@@ -169,9 +180,19 @@ class CostTable:
         y0, y1 = f(i - 1), f(i)
         return y0 + (y1 - y0) * (batch - bs[i - 1]) / (bs[i] - bs[i - 1])
 
-    def verify(self, batch: int, rows: int) -> float:
-        """Target forward over ``rows`` query rows of ``batch`` sequences."""
-        return self._by_batch(batch, lambda i: _interp(self.rows[i], self.verify_s[i], rows))
+    def verify(self, batch: int, rows: int, context: Optional[float] = None) -> float:
+        """Target forward over ``rows`` query rows of ``batch`` sequences (with ``context``
+        cached tokens each, on average, when the table has a second context)."""
+        t = self._by_batch(batch, lambda i: _interp(self.rows[i], self.verify_s[i], rows))
+        lg = self.long
+        if context is None or not lg:
+            return t
+        f = (context - lg["base"]) / (lg["context"] - lg["base"])
+        f = min(max(f, 0.0), 3.0)
+        if f == 0.0:
+            return t
+        t2 = self._by_batch(batch, lambda i: _interp(lg["rows"][i], lg["verify_s"][i], rows))
+        return max(t + (t2 - t) * f, 0.0)
 
     def host(self, batch: int) -> float:
         return self._by_batch(batch, lambda i: self.host_s[i])
@@ -193,21 +214,26 @@ class CostTable:
         if not self.members:
             return self
         return CostTable(self.batch_sizes, self.rows, self.verify_s, self.host_s,
-                         self.members[source], dict(self.meta, member=source))
+                         self.members[source], dict(self.meta, member=source), None, self.long)
 
     def step(self, batch: int, depth: int, rows: int) -> float:
         """A whole verify step: host + drafting + forward (``rows`` includes the roots)."""
         return self.host(batch) + self.drafting(batch, depth, rows - batch) + self.verify(batch, rows)
 
-    def at_batch(self, batch: int, max_rows: int):
-        """``(host, draft coefficients, verify times for rows 0..max_rows)`` at ``batch``,
-        cached: what :func:`choose` evaluates many times per step."""
-        key = (batch, max_rows)
+    def at_batch(self, batch: int, max_rows: int, context: Optional[float] = None):
+        """``(host, draft coefficients, verify times for rows 0..max_rows)`` at ``batch``
+        (and ``context``, in steps of 32 tokens), cached: what :func:`choose` evaluates many
+        times per step."""
+        if context is not None and self.long:
+            context = 32 * round(context / 32)
+        else:
+            context = None
+        key = (batch, max_rows, context)
         cache = self.__dict__.setdefault("_at_batch", {})
         hit = cache.get(key)
         if hit is None:
             coef = list(self.draft_coef(batch))
-            ver = [self.verify(batch, max(r, 1)) for r in range(max_rows + 1)]
+            ver = [self.verify(batch, max(r, 1), context) for r in range(max_rows + 1)]
             hit = cache[key] = (self.host(batch), coef, ver)
         return hit
 
@@ -217,18 +243,21 @@ class CostTable:
                 "verify_s": [list(v) for v in self.verify_s], "host_s": list(self.host_s),
                 "draft": [list(d) for d in self.draft], "meta": dict(self.meta),
                 "members": None if self.members is None else
-                [[list(d) for d in m] for m in self.members]}
+                [[list(d) for d in m] for m in self.members],
+                "long": None if self.long is None else dict(self.long)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostTable":
         return cls(d["batch_sizes"], d["rows"], d["verify_s"], d["host_s"], d["draft"],
-                   d.get("meta", {}), d.get("members"))
+                   d.get("meta", {}), d.get("members"), d.get("long"))
 
     @classmethod
     def synthetic(cls, verify, *, host: float = 0.0, draft=(0.0, 0.0, 0.0, 0.0),
-                  batch_sizes=(1,), max_rows: int = 512, members=None) -> "CostTable":
+                  batch_sizes=(1,), max_rows: int = 512, members=None,
+                  long_verify=None, long_context: int = 512) -> "CostTable":
         """A table from a function ``verify(batch, rows) -> seconds`` (tests, what-if);
-        ``members``: per member of a proposer set, its ``(t0, a, per_level, per_node)``."""
+        ``members``: per member of a proposer set, its ``(t0, a, per_level, per_node)``;
+        ``long_verify``: the same at ``long_context`` (``verify`` is at 128)."""
         grid = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512,
                        max_rows})
         rows, ver = [], []
@@ -238,8 +267,11 @@ class CostTable:
             ver.append([float(verify(b, x)) for x in r])
         n = len(batch_sizes)
         mem = None if members is None else [[list(m)] * n for m in members]
+        long = None if long_verify is None else {
+            "context": long_context, "base": 128, "rows": rows,
+            "verify_s": [[float(long_verify(b, x)) for x in r] for b, r in zip(batch_sizes, rows)]}
         return cls(list(batch_sizes), rows, ver, [host] * n, [list(draft)] * n,
-                   {"synthetic": True}, mem)
+                   {"synthetic": True}, mem, long)
 
 
 # ----------------------------------------------------------------------------- acceptance
@@ -493,7 +525,8 @@ class _Drafting:
 
 def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
            costs: CostTable, extra: Optional[Sequence[Sequence[float]]] = None,
-           drafting: bool = True, base_rows: Optional[int] = None):
+           drafting: bool = True, base_rows: Optional[int] = None,
+           context: Optional[float] = None):
     """Budgets maximising ``sum E / step time`` for one batch.
 
     ``menus[i]``: sequence i's budgets (of one proposer, or of several members of a proposer
@@ -501,8 +534,9 @@ def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
     ``menus[i][k]`` (plain gives 1); ``extra[i][k]``: the verify rows it adds beyond the root
     (expected; default ``nodes - 1``). ``drafting=False``: the drafts exist already (their
     cost is spent; only verification counts). ``base_rows``: rows every choice has (default
-    B: the roots; plus auxiliary rows). Returns ``(chosen budgets, expected rate in
-    tokens/s)``.
+    B: the roots; plus auxiliary rows). ``context``: the batch's mean cached length (verify
+    costs grow with it where the table has a second context). Returns ``(chosen budgets,
+    expected rate in tokens/s)``.
 
     Drafting cost grows with each member's deepest budget, so for every combination of depth
     caps (one per member whose cost grows per level) each sequence's budgets are reduced to
@@ -519,7 +553,7 @@ def choose(menus: Sequence[Sequence[Budget]], gains: Sequence[Sequence[float]],
     base = B if base_rows is None else base_rows
     base_gain = float(B)
     max_rows = base + int(math.ceil(sum(max(x, default=0) for x in extra))) + 1
-    host, _, ver = costs.at_batch(B, max_rows)
+    host, _, ver = costs.at_batch(B, max_rows, context)
     sources = sorted({b.source for m in menus for b in m if b.depth > 0})
     if drafting:
         t0 = costs.draft_coef(B)[0]
@@ -739,6 +773,7 @@ class AutoPolicy:
         self._plain_run: dict = {}
         self._probing: set = set()
         self._planned: dict = {}  # sid -> the budget plan() gave it this step
+        self.context: Optional[float] = None  # the batch's mean cached length this step
 
     @property
     def acceptance(self) -> AcceptanceModel:
@@ -760,6 +795,11 @@ class AutoPolicy:
             m.reset()
         self._plain_run.clear()
         self._planned.clear()
+
+    def set_context(self, mean_len: Optional[float]) -> None:
+        """The batch's mean cached length, set by the engine before each step: verify costs
+        are read at it (a table measured at two contexts interpolates)."""
+        self.context = mean_len
 
     def _largest(self, source: int, lim: int) -> Budget:
         return max((b for b in self.menu if b.depth <= lim and (b.source == source or
@@ -808,7 +848,7 @@ class AutoPolicy:
             menus.append(m)
             gains.append(g)
             extra.append(x)
-        pick, _ = choose(menus, gains, self.costs, extra)
+        pick, _ = choose(menus, gains, self.costs, extra, context=self.context)
         out = []
         for i, (sid, lim, b) in enumerate(zip(sids, limits, pick)):
             run = self._plain_run.get(sid, 0)
@@ -903,13 +943,14 @@ class AutoPolicy:
             menus.append(opts)
             gains.append([E[w][b.depth] for b, w in zip(opts, ws)])
         base = len(trees) + sum(aux_rows)
-        pick, _ = choose(menus, gains, self.costs, drafting=False, base_rows=base)
+        pick, _ = choose(menus, gains, self.costs, drafting=False, base_rows=base,
+                         context=self.context)
         B = len(trees)
         for i, (sid, b) in enumerate(zip(sids, pick)):
             if b.depth == 0 and sid in self._probing and menus[i][0].depth > 0:
                 # a probe verifies its draft: the level count that costs least per token
                 pick[i] = b = max(zip(menus[i], gains[i]), key=lambda bg: bg[1] / self.costs.verify(
-                    B, base + bg[0].nodes - 1))[0]
+                    B, base + bg[0].nodes - 1, self.context))[0]
             if b.depth > 0:
                 self._plain_run[sid] = 0
         out = []

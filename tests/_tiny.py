@@ -6,10 +6,11 @@ import torch
 from specrt.models import LlamaModel, ModelConfig
 
 
-def tiny_config(vocab=97, hidden=64, layers=4, heads=4, kv_heads=2, arch="llama", **kw):
+def tiny_config(vocab=97, hidden=64, layers=4, heads=4, kv_heads=2, arch="llama", max_pos=512,
+                **kw):
     return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-                       head_dim=hidden // heads, max_position_embeddings=512,
+                       head_dim=hidden // heads, max_position_embeddings=max_pos,
                        attention_bias=(arch == "qwen2"), architecture=arch, **kw)
 
 

@@ -272,6 +272,12 @@ def test_every_proposer_honours_random_budgets_and_auto(target, name):
             menu = eng.budget_menu()
             assert PLAIN in menu and len(menu) > 2
             eng.policy = RandomBudgets(menu, seed=page)
+            if getattr(eng.proposer, "wants_costs", False):
+                # a proposer that sizes its own trees (EAGLE auto) gets a flat table: on a
+                # loaded machine a calibrated one can make it decline every draft, and this
+                # test is about budgets, not timings
+                eng.proposer.set_costs(CostTable.synthetic(lambda b, r: 1.0 + 1e-3 * r,
+                                                           batch_sizes=(1, 2, 4)))
         elif policy == "auto-cut":
             # rows cost 15% of a step each: trees get cut after drafting (and the verified
             # path is mapped back to the proposer's own node numbering)
@@ -531,3 +537,43 @@ def test_tree_select_and_confidences_are_checked():
         DraftTree([5, 1], [-1, 0], node_logp=[0.0, float("nan")])
     ch, nodes = t.first_chain()
     assert nodes == [0, 1, 3] and ch.is_chain and ch.node_logp == (0.0, -0.1, -0.3)
+
+
+# ------------------------------------------------------------------------------ context
+def test_verify_costs_interpolate_in_the_context_and_steer_the_policy():
+    # rows nearly free at a 128-token context, a tenth of a step each at 512
+    c = CostTable.synthetic(lambda b, r: 1.0 + 0.01 * (r - b), batch_sizes=(1, 2),
+                            long_verify=lambda b, r: 1.2 + 0.1 * (r - b))
+    assert c.verify(1, 5) == pytest.approx(1.04) and c.verify(1, 5, 128) == pytest.approx(1.04)
+    assert c.verify(1, 5, 512) == pytest.approx(1.6)
+    assert c.verify(1, 5, 320) == pytest.approx((1.04 + 1.6) / 2)
+    assert c.verify(1, 5, 50) == pytest.approx(1.04)  # no extrapolation below the base
+    assert CostTable.from_dict(c.as_dict()).verify(1, 5, 320) == pytest.approx(c.verify(1, 5, 320))
+    with pytest.raises(ValueError, match="long"):
+        CostTable(c.batch_sizes, c.rows, c.verify_s, c.host_s, c.draft,
+                  long={"context": 64, "base": 128, "rows": c.rows, "verify_s": c.verify_s})
+    menu = default_menu(4, 5, tree=False)
+    # drafting costs a little per level: the budget is planned (not drafted, then trimmed)
+    c = CostTable.synthetic(lambda b, r: 1.0 + 0.01 * (r - b), batch_sizes=(1, 2),
+                            long_verify=lambda b, r: 1.2 + 0.1 * (r - b),
+                            draft=(0.0, 0.03, 0.001, 0.0))
+    pol = AutoPolicy(c, menu, _model_with([[0.3] * 4], widths=1, obs=60), probe_every=0)
+    pol.set_context(130)
+    short = pol.plan([0], [4])[0]
+    pol.set_context(600)
+    long = pol.plan([0], [4])[0]
+    assert short.depth >= 3 and long.depth <= 1, (short, long)
+
+
+def test_calibration_times_a_long_context(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECRT_CACHE_DIR", str(tmp_path))
+    tgt = tiny_model(seed=1, scale=3.0, max_pos=1024)
+    eng = Engine(tgt, proposer=NgramProposer(k=3), max_batch_size=2, calibration_s=1.0)
+    c = eng.calibrate()
+    assert c.long is not None and c.long["context"] == 512 and c.long["base"] == 128
+    assert len(c.long["rows"]) == len(c.batch_sizes)
+    # a model whose context cannot hold it: one context only
+    short = Engine(tiny_model(seed=1, scale=3.0, max_pos=256), proposer=NgramProposer(k=3),
+                   max_batch_size=2,
+                   calibration_s=0.5)
+    assert short.calibrate().long is None
