@@ -247,9 +247,9 @@ class DraftTree:
         from; :func:`batch_trees` pads the leaf row with zeros. Kept on its own device.
     node_logp : float sequence [T], optional
         The proposer's confidence in each node: log-probability, by its own model, that the
-        path from the root to the node is what the target produces (0 at the root, never
-        above its parent's). The cost-aware policy trims such trees node by node, likeliest
-        first (:mod:`specrt.policy`); verification never reads it.
+        path from the root to the node is what the target produces (0 at the root; the
+        policy caps a node's value at its parent's). The cost-aware policy trims such trees
+        node by node, likeliest first (:mod:`specrt.policy`); verification never reads it.
 
     Treat a tree as immutable: derived data is cached and shared between trees of the same
     shape, and accessors return those cached tensors (do not write into them).
